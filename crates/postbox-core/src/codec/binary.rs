@@ -1,0 +1,171 @@
+//! Binary content mode: the envelope's metadata as an attribute map.
+//!
+//! [`encode`] yields `(attribute name, value)` pairs without any prefix; each
+//! adapter writes them as headers with its broker's prefix (`ce_` for Kafka,
+//! `cloudEvents:` for AMQP) and the payload as the body. [`decode`] takes the
+//! pairs back (prefix already stripped, see [`strip_prefix`]).
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+
+use super::{
+    attr, check_encodable, decode_error, format_time, parse_attempt, parse_time, SPEC_VERSION,
+};
+use crate::envelope::{Envelope, MessageId};
+use crate::error::Error;
+
+/// One attribute: its CloudEvents name and its value as text.
+pub type Attribute = (Cow<'static, str>, String);
+
+/// The envelope's attributes, `specversion` first, user headers last.
+///
+/// ```
+/// use postbox_core::{codec::binary, Envelope};
+/// let env = Envelope::builder("order.placed").key("c-7").header("tenant", "acme").build();
+/// let attrs = binary::encode(&env).unwrap();
+/// assert!(attrs.iter().any(|(k, v)| k == "partitionkey" && v == "c-7"));
+/// let back = binary::decode(attrs.iter().map(|(k, v)| (k.as_ref(), v.as_str())), env.payload.clone()).unwrap();
+/// assert_eq!(back, env);
+/// ```
+pub fn encode(env: &Envelope) -> Result<Vec<Attribute>, Error> {
+    check_encodable(env)?;
+    let mut out: Vec<Attribute> = Vec::with_capacity(8 + env.headers.len());
+    let mut push = |name: &'static str, value: String| out.push((Cow::Borrowed(name), value));
+    push(attr::SPECVERSION, SPEC_VERSION.to_string());
+    push(attr::ID, env.id.as_str().to_string());
+    push(attr::TYPE, env.event_type.to_string());
+    push(attr::SOURCE, env.source.to_string());
+    if let Some(t) = env.time {
+        push(attr::TIME, format_time(t)?);
+    }
+    push(attr::DATACONTENTTYPE, env.content_type.to_string());
+    let optional = [
+        (attr::SUBJECT, env.subject.as_deref()),
+        (attr::DATAVERSION, env.schema_version.as_deref()),
+        (attr::CORRELATIONID, env.correlation_id.as_deref()),
+        (attr::CAUSATIONID, env.causation_id.as_deref()),
+        (attr::PARTITIONKEY, env.key.as_deref()),
+        (attr::TRACEPARENT, env.traceparent.as_deref()),
+        (attr::TRACESTATE, env.tracestate.as_deref()),
+    ];
+    for (name, value) in optional {
+        if let Some(v) = value {
+            push(name, v.to_string());
+        }
+    }
+    push(attr::ATTEMPT, env.attempt.to_string());
+    for (k, v) in &env.headers {
+        out.push((Cow::Owned(k.clone()), v.clone()));
+    }
+    Ok(out)
+}
+
+/// Strips `prefix` from a header name, ASCII case-insensitively; `None` if absent.
+///
+/// ```
+/// use postbox_core::codec::binary::strip_prefix;
+/// assert_eq!(strip_prefix("ce_type", "ce_"), Some("type"));
+/// assert_eq!(strip_prefix("cloudEvents:id", "cloudevents:"), Some("id"));
+/// assert_eq!(strip_prefix("content-type", "ce_"), None);
+/// ```
+pub fn strip_prefix<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
+    if name.len() >= prefix.len()
+        && name.is_char_boundary(prefix.len())
+        && name[..prefix.len()].eq_ignore_ascii_case(prefix)
+    {
+        Some(&name[prefix.len()..])
+    } else {
+        None
+    }
+}
+
+/// Rebuilds an envelope from attributes and a payload.
+///
+/// `specversion`, `id`, `type` and `source` are required; unknown attributes
+/// become user headers. Errors are [`ErrorKind::Decode`](crate::ErrorKind::Decode).
+pub fn decode<'a>(
+    attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    payload: Bytes,
+) -> Result<Envelope, Error> {
+    let mut env = Envelope::new("", payload);
+    env.time = None;
+    let (mut spec, mut id, mut ty, mut source) = (None, None, None, None);
+    for (name, value) in attrs {
+        match name {
+            attr::SPECVERSION => spec = Some(value),
+            attr::ID => id = Some(value),
+            attr::TYPE => ty = Some(value),
+            attr::SOURCE => source = Some(value),
+            attr::TIME => env.time = Some(parse_time(value)?),
+            attr::DATACONTENTTYPE => env.content_type = Cow::Owned(value.to_string()),
+            attr::SUBJECT => env.subject = Some(value.to_string()),
+            attr::DATAVERSION => env.schema_version = Some(Cow::Owned(value.to_string())),
+            attr::CORRELATIONID => env.correlation_id = Some(value.to_string()),
+            attr::CAUSATIONID => env.causation_id = Some(value.to_string()),
+            attr::PARTITIONKEY => env.key = Some(value.to_string()),
+            attr::TRACEPARENT => env.traceparent = Some(value.to_string()),
+            attr::TRACESTATE => env.tracestate = Some(value.to_string()),
+            attr::ATTEMPT => env.attempt = parse_attempt(value)?,
+            _ => {
+                env.headers.insert(name.to_string(), value.to_string());
+            }
+        }
+    }
+    match spec {
+        Some(SPEC_VERSION) => {}
+        Some(other) => {
+            return Err(decode_error(format!(
+                "unsupported CloudEvents specversion {other:?}"
+            )))
+        }
+        None => return Err(decode_error("required attribute `specversion` is missing")),
+    }
+    let nonempty = |v: Option<&str>, name: &str| -> Result<String, Error> {
+        match v {
+            Some(s) if !s.is_empty() => Ok(s.to_string()),
+            Some(_) => Err(decode_error(format!(
+                "required attribute `{name}` is empty"
+            ))),
+            None => Err(decode_error(format!(
+                "required attribute `{name}` is missing"
+            ))),
+        }
+    };
+    env.id = MessageId::from(nonempty(id, attr::ID)?);
+    env.event_type = Cow::Owned(nonempty(ty, attr::TYPE)?);
+    env.source = Cow::Owned(nonempty(source, attr::SOURCE)?);
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn missing_required_attribute_is_named() {
+        let err = decode(
+            [("specversion", "1.0"), ("id", "1"), ("type", "t")],
+            Bytes::new(),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), &ErrorKind::Decode);
+        assert!(err.message().contains("`source`"));
+    }
+
+    #[test]
+    fn bad_attempt_is_a_decode_error() {
+        let attrs = [
+            ("specversion", "1.0"),
+            ("id", "1"),
+            ("type", "t"),
+            ("source", "s"),
+            ("attempt", "-1"),
+        ];
+        assert_eq!(
+            decode(attrs, Bytes::new()).unwrap_err().kind(),
+            &ErrorKind::Decode
+        );
+    }
+}

@@ -1,0 +1,285 @@
+use std::borrow::Cow;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, Mutex};
+
+use super::{decide, Counters, Decision, Shared};
+use crate::delivery::{first_failed_at, Delivery, Retry, Source};
+use crate::dlq::DeadLetterMetadata;
+use crate::envelope::Envelope;
+use crate::error::Error;
+use crate::handler::{FailureReason, Handler, HandlerError, HandlerResult};
+
+/// Back-off after a source error, doubling up to the cap.
+const SOURCE_ERROR_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(50), Duration::from_secs(5));
+
+/// Logs a source error and waits (cancellably); returns false on shutdown.
+async fn after_source_error<H>(shared: &Shared<H>, error: Error, backoff: &mut Duration) -> bool {
+    tracing::warn!(consumer = %shared.name, error = %error, retry_in = ?*backoff, "receiving failed");
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(SOURCE_ERROR_BACKOFF.1);
+    tokio::select! {
+        _ = shared.shutdown.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
+/// A worker of the unordered mode: takes the next delivery from the shared
+/// source, handles it, settles it; `concurrency` of these run at once.
+pub(crate) async fn unordered<S: Source, H: Handler>(
+    shared: Arc<Shared<H>>,
+    source: Arc<Mutex<S>>,
+) {
+    let mut backoff = SOURCE_ERROR_BACKOFF.0;
+    loop {
+        let next = {
+            let mut guard = tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return,
+                guard = source.lock() => guard,
+            };
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return,
+                next = guard.next() => next,
+            }
+        };
+        match next {
+            None => return,
+            Some(Err(e)) => {
+                if !after_source_error(&shared, e, &mut backoff).await {
+                    return;
+                }
+            }
+            Some(Ok(delivery)) => {
+                backoff = SOURCE_ERROR_BACKOFF.0;
+                Counters::add(&shared.counters.received);
+                shared.metrics.in_flight.increment(1.0);
+                shared.process(delivery).await;
+                shared.metrics.in_flight.decrement(1.0);
+            }
+        }
+    }
+}
+
+/// The dispatcher of the ordered mode: one reader of the source hands each
+/// delivery to the lane of its key, waiting when that lane is busy.
+pub(crate) async fn dispatch<S: Source, H: Handler>(
+    shared: Arc<Shared<H>>,
+    mut source: S,
+    lanes: Vec<mpsc::Sender<S::Delivery>>,
+) {
+    let mut backoff = SOURCE_ERROR_BACKOFF.0;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => return,
+            next = source.next() => next,
+        };
+        let delivery = match next {
+            None => return,
+            Some(Err(e)) => {
+                if !after_source_error(&shared, e, &mut backoff).await {
+                    return;
+                }
+                continue;
+            }
+            Some(Ok(d)) => d,
+        };
+        backoff = SOURCE_ERROR_BACKOFF.0;
+        Counters::add(&shared.counters.received);
+        let lane = &lanes[lane_of(delivery.envelope(), lanes.len())];
+        let permit = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => None,
+            permit = lane.reserve() => permit.ok(),
+        };
+        match permit {
+            Some(permit) => permit.send(delivery),
+            None => {
+                shared.release(delivery).await;
+                return;
+            }
+        }
+    }
+}
+
+fn lane_of(env: &Envelope, lanes: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    env.key.as_deref().unwrap_or("").hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+/// A lane of the ordered mode: handles its deliveries one after the other.
+pub(crate) async fn lane<D: Delivery, H: Handler>(
+    shared: Arc<Shared<H>>,
+    mut rx: mpsc::Receiver<D>,
+) {
+    while let Some(delivery) = rx.recv().await {
+        if shared.shutdown.is_cancelled() {
+            // Fetched but not started: give it back rather than start new work.
+            shared.release(delivery).await;
+            continue;
+        }
+        shared.metrics.in_flight.increment(1.0);
+        shared.process_in_place(delivery).await;
+        shared.metrics.in_flight.decrement(1.0);
+    }
+}
+
+impl<H: Handler> Shared<H> {
+    fn deposit_first_attempt(&self, attempt: u32) {
+        if attempt <= 1 {
+            if let Some(b) = &self.budget {
+                b.deposit();
+            }
+        }
+    }
+
+    /// Handles a delivery and settles it through the broker.
+    async fn process<D: Delivery>(&self, delivery: D) {
+        let attempt = delivery.attempt();
+        self.deposit_first_attempt(attempt);
+        let result = self.handler.handle(delivery.envelope()).await;
+        let decision = decide(
+            &result,
+            attempt,
+            delivery.envelope().id.as_str(),
+            &self.policy,
+            self.budget.as_deref(),
+        );
+        self.settle(delivery, decision, attempt, result).await;
+    }
+
+    /// Ordered mode: retries happen here, holding the lane, with the message
+    /// unacked; on shutdown during a wait the message is released.
+    async fn process_in_place<D: Delivery>(&self, delivery: D) {
+        let mut attempt = delivery.attempt();
+        self.deposit_first_attempt(attempt);
+        let mut retried: Option<Envelope> = None;
+        loop {
+            let env = retried.as_ref().unwrap_or(delivery.envelope());
+            let result = self.handler.handle(env).await;
+            let decision = decide(
+                &result,
+                attempt,
+                env.id.as_str(),
+                &self.policy,
+                self.budget.as_deref(),
+            );
+            let Decision::Retry { delay, reason } = decision else {
+                self.settle(delivery, decision, attempt, result).await;
+                return;
+            };
+            Counters::add(&self.counters.retried_in_place);
+            self.metrics.retried.increment(1);
+            let retry = Retry {
+                delay,
+                next_attempt: attempt + 1,
+                first_failed_at: first_failed_at(env).unwrap_or_else(SystemTime::now),
+                reason: reason.as_str(),
+            };
+            let next = retry.next_envelope(env);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    self.release(delivery).await;
+                    return;
+                }
+                _ = tokio::time::sleep(delay) => {}
+            }
+            attempt += 1;
+            retried = Some(next);
+        }
+    }
+
+    async fn settle<D: Delivery>(
+        &self,
+        delivery: D,
+        decision: Decision,
+        attempt: u32,
+        result: HandlerResult,
+    ) {
+        match decision {
+            Decision::Ack => match delivery.ack().await {
+                Ok(()) => Counters::add(&self.counters.acked),
+                Err(e) => self.settle_failed("ack", e.error),
+            },
+            Decision::Retry { delay, reason } => {
+                let retry = Retry {
+                    delay,
+                    next_attempt: attempt + 1,
+                    first_failed_at: first_failed_at(delivery.envelope())
+                        .unwrap_or_else(SystemTime::now),
+                    reason: reason.as_str(),
+                };
+                match delivery.retry(retry).await {
+                    Ok(()) => {
+                        Counters::add(&self.counters.retried);
+                        self.metrics.retried.increment(1);
+                    }
+                    Err(e) => {
+                        self.settle_failed("retry", e.error);
+                        self.release(e.delivery).await;
+                    }
+                }
+            }
+            Decision::DeadLetter { reason } => {
+                let err = result.err();
+                let metadata = self.metadata(&delivery, reason, attempt, err.as_ref());
+                match self.dead_letter.dead_letter(delivery, &metadata).await {
+                    Ok(()) => {
+                        Counters::add(&self.counters.dead_lettered);
+                        self.metrics.dead_lettered.increment(1);
+                        tracing::warn!(consumer = %self.name, reason = reason.as_str(), attempts = attempt, "message dead-lettered");
+                    }
+                    Err(e) => {
+                        self.settle_failed("dead-letter", e.error);
+                        self.release(e.delivery).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn metadata<D: Delivery>(
+        &self,
+        delivery: &D,
+        reason: FailureReason,
+        attempt: u32,
+        err: Option<&HandlerError>,
+    ) -> DeadLetterMetadata {
+        let now = SystemTime::now();
+        DeadLetterMetadata {
+            reason,
+            error: err
+                .map(|e| Cow::Borrowed(e.message()))
+                .unwrap_or(Cow::Borrowed(""))
+                .into_owned(),
+            error_type: err.map(|e| e.error_type().to_string()).unwrap_or_default(),
+            attempts: attempt,
+            first_failed_at: first_failed_at(delivery.envelope()).unwrap_or(now),
+            last_failed_at: now,
+            origin: delivery.origin(),
+            consumer: self.name.clone(),
+        }
+    }
+
+    fn settle_failed(&self, op: &str, error: Error) {
+        Counters::add(&self.counters.settle_failures);
+        self.metrics.settle_failed.increment(1);
+        tracing::warn!(consumer = %self.name, operation = op, error = %error, "settling failed; the broker will redeliver");
+    }
+
+    pub(crate) async fn release<D: Delivery>(&self, delivery: D) {
+        match delivery.release().await {
+            Ok(()) => Counters::add(&self.counters.released),
+            Err(e) => {
+                // Dropping it unsettled leaves it to the broker's redelivery.
+                self.settle_failed("release", e.error);
+            }
+        }
+    }
+}
