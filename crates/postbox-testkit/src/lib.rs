@@ -1,1 +1,95 @@
-//! placeholder
+//! # postbox-testkit
+//!
+//! * The **conformance suite**: one set of behavioural tests every adapter runs
+//!   against a real broker through a [`Harness`] (delivery, ordering, fan-out,
+//!   competing consumers, redelivery, close/reopen without loss, retries with
+//!   delays, attempts, dead-lettering with metadata, decode failures,
+//!   idempotency, graceful shutdown, binary payloads, limits). Tests an adapter
+//!   cannot run are skipped *by capability*, and the skip is printed.
+//! * [`HandlerSpy`]: a recording, scriptable handler for your own tests.
+//!
+//! An adapter runs the suite with one line in a test file:
+//!
+//! ```ignore
+//! postbox_testkit::conformance_tests!(async { my_adapter::TestHarness::new().await });
+//! ```
+
+mod harness;
+mod spy;
+pub mod suite;
+
+use std::future::Future;
+use std::io::Write as _;
+use std::pin::Pin;
+
+pub use harness::{Capabilities, Harness};
+pub use spy::{Behaviour, Call, HandlerSpy};
+pub use suite::{TestResult, Verdict};
+
+/// Runs one conformance test and panics with a clear message if it fails.
+/// A skip is written straight to stderr so it shows even under capture.
+pub async fn run_one<H, F>(harness: &H, test: &str, f: F)
+where
+    H: Harness,
+    F: for<'a> FnOnce(&'a dyn Harness) -> Pin<Box<dyn Future<Output = TestResult> + Send + 'a>>,
+{
+    match f(harness).await {
+        Ok(Verdict::Passed) => {}
+        Ok(Verdict::Skipped(why)) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "conformance[{}] {test}: SKIPPED ({why})",
+                harness.name()
+            );
+        }
+        Err(msg) => panic!("conformance[{}] {test} failed: {msg}", harness.name()),
+    }
+}
+
+/// Generates one `#[tokio::test]` per conformance test, each with a fresh
+/// harness from the given `async` expression.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            publish_before_subscribe_receives_all,
+            concurrent_publishers_lose_nothing,
+            many_topics_stay_isolated,
+            release_leads_to_redelivery,
+            ordered_next_waits_for_ack,
+            consumer_closed_mid_stream_loses_nothing,
+            concurrent_subscribe_and_close_leave_things_working,
+            repeated_nacks_neither_lose_nor_wedge,
+            per_key_order_is_kept,
+            concurrent_publish_then_close_loses_nothing,
+            topic_routing_is_isolated,
+            cancelled_subscription_stops_and_a_new_one_gets_the_rest,
+            each_consumer_group_gets_every_message,
+            competing_consumers_split_the_work,
+            retry_after_delay_is_honoured,
+            attempt_counter_increments,
+            dead_letter_after_max_attempts_with_metadata,
+            permanent_error_dead_letters_immediately,
+            decode_failure_dead_letters_without_calling_the_handler,
+            panic_is_retried_and_the_consumer_survives,
+            duplicates_are_suppressed_by_the_idempotency_layer,
+            duplicates_in_flight_at_once_have_one_effect,
+            graceful_shutdown_finishes_in_flight_handlers,
+            headers_do_not_grow_across_retries,
+            binary_payloads_round_trip,
+            limits_are_typed_errors,
+            publish_batch_reports_each_message,
+            dead_letter_operations,
+            in_flight_is_bounded_by_concurrency,
+        );
+    };
+    (@each $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let harness = $make.await;
+                $crate::run_one(&harness, stringify!($name), |h| Box::pin($crate::suite::$name(h))).await;
+            }
+        )*
+    };
+}

@@ -77,6 +77,8 @@ pub fn encode(env: &Envelope) -> Result<Vec<u8>, Error> {
             serde_json::from_slice::<&RawValue>(&env.payload)
                 .ok()
                 .filter(|raw| raw.get().as_bytes() == &env.payload[..])
+                // `"data": null` reads back as no data: a `null` payload goes to `data_base64`.
+                .filter(|raw| raw.get() != "null")
                 .map(Data::Raw)
         } else {
             None

@@ -1,0 +1,302 @@
+//! The broker: queues, topic bindings, publishing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use postbox_core::telemetry::PublisherMetrics;
+use postbox_core::{BatchReport, Envelope, Error, ErrorKind, Limit, PublishError, Publisher};
+
+use crate::limits::Limits;
+use crate::queue::{Queue, QueueOptions};
+use crate::source::MemorySource;
+
+/// `messaging.system` of the in-memory broker.
+pub const SYSTEM: &str = "memory";
+
+#[derive(Debug, Default)]
+struct Topology {
+    queues: HashMap<String, Arc<Queue>>,
+    /// topic → queues it fans out to
+    bindings: HashMap<String, Vec<Arc<Queue>>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    topology: Mutex<Topology>,
+    limits: Limits,
+    auto_create: bool,
+    metrics: PublisherMetrics,
+}
+
+/// An in-process broker: the embedded default, and a test double that behaves
+/// like a real broker (competing consumers, fan-out, acks, redelivery with
+/// attempt counts, visibility timeouts, delays, FIFO groups, limits).
+///
+/// Routing: publishing to a name delivers to the queue of that name, and to
+/// every queue [bound](MemoryBroker::bind) to it as a topic. A name that is
+/// neither is created as a queue on first use (unless
+/// [`without_auto_create`](MemoryBroker::without_auto_create), then it is an
+/// [`ErrorKind::Unroutable`] error — never a silent drop).
+///
+/// ```
+/// use postbox_core::{Delivery, Envelope, Publisher, Source};
+/// use postbox_memory::MemoryBroker;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let broker = MemoryBroker::new();
+/// broker.publish("orders", Envelope::new("order.placed", r#"{"id":1}"#)).await.unwrap();
+/// let mut source = broker.subscribe("orders");
+/// let delivery = source.next().await.unwrap().unwrap();
+/// assert_eq!(delivery.envelope().event_type, "order.placed");
+/// delivery.ack().await.unwrap();
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryBroker {
+    /// A broker without limits that creates queues on first use.
+    pub fn new() -> Self {
+        Self::with_limits(Limits::none())
+    }
+
+    /// A broker enforcing `limits` (e.g. [`Limits::sqs`]).
+    pub fn with_limits(limits: Limits) -> Self {
+        MemoryBroker {
+            inner: Arc::new(Inner {
+                topology: Mutex::new(Topology::default()),
+                limits,
+                auto_create: true,
+                metrics: PublisherMetrics::new(SYSTEM),
+            }),
+        }
+    }
+
+    /// Publishing to an undeclared name becomes an `Unroutable` error.
+    pub fn without_auto_create(self) -> Self {
+        let inner = &self.inner;
+        MemoryBroker {
+            inner: Arc::new(Inner {
+                topology: Mutex::new(std::mem::take(&mut *lock(&inner.topology))),
+                limits: inner.limits.clone(),
+                auto_create: false,
+                metrics: inner.metrics.clone(),
+            }),
+        }
+    }
+
+    /// The limits this broker enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    fn default_options(&self, name: &str) -> QueueOptions {
+        QueueOptions {
+            fifo: self.inner.limits.fifo_by_name && name.ends_with(".fifo"),
+            ..QueueOptions::default()
+        }
+    }
+
+    /// Declares a queue with default options (idempotent).
+    pub fn declare_queue(&self, name: &str) {
+        self.declare_queue_with(name, self.default_options(name));
+    }
+
+    /// Declares a queue (idempotent: an existing queue keeps its options).
+    pub fn declare_queue_with(&self, name: &str, options: QueueOptions) {
+        let _ = self.queue_or_create(name, Some(options));
+    }
+
+    fn queue_or_create(&self, name: &str, options: Option<QueueOptions>) -> Arc<Queue> {
+        let mut topo = lock(&self.inner.topology);
+        if let Some(q) = topo.queues.get(name) {
+            return q.clone();
+        }
+        let options = options.unwrap_or_else(|| self.default_options(name));
+        let q = Queue::new(name, options, &self.inner.limits);
+        topo.queues.insert(name.to_string(), q.clone());
+        q
+    }
+
+    /// Binds `queue` to `topic`: everything published to `topic` is copied to
+    /// `queue` (fan-out). Declares the queue if needed; idempotent.
+    pub fn bind(&self, topic: &str, queue: &str) {
+        let q = self.queue_or_create(queue, None);
+        let mut topo = lock(&self.inner.topology);
+        let bound = topo.bindings.entry(topic.to_string()).or_default();
+        if !bound.iter().any(|b| Arc::ptr_eq(b, &q)) {
+            bound.push(q);
+        }
+    }
+
+    /// The queue of consumer group `group` on `topic`: `"{topic}:{group}"`,
+    /// declared and bound. Every group gets every message; consumers of one
+    /// group compete.
+    pub fn group_queue(&self, topic: &str, group: &str) -> String {
+        let name = format!("{topic}:{group}");
+        self.bind(topic, &name);
+        name
+    }
+
+    /// Consumes a queue (declared if needed). Several sources on one queue
+    /// are competing consumers.
+    pub fn subscribe(&self, queue: &str) -> MemorySource {
+        MemorySource::new(self.queue_or_create(queue, None))
+    }
+
+    /// Consumes `topic` as consumer group `group` (see [`group_queue`](Self::group_queue)).
+    pub fn subscribe_group(&self, topic: &str, group: &str) -> MemorySource {
+        let name = self.group_queue(topic, group);
+        self.subscribe(&name)
+    }
+
+    pub(crate) fn existing_queue(&self, name: &str) -> Result<Arc<Queue>, Error> {
+        lock(&self.inner.topology)
+            .queues
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no queue named {name:?}")))
+    }
+
+    /// Messages ready in `queue` (0 if it does not exist).
+    pub fn depth(&self, queue: &str) -> usize {
+        self.existing_queue(queue).map(|q| q.depth()).unwrap_or(0)
+    }
+
+    /// Deliveries of `queue` handed out and not yet settled.
+    pub fn unacked(&self, queue: &str) -> u64 {
+        self.existing_queue(queue)
+            .map(|q| q.unacked.load(std::sync::atomic::Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Messages of `queue` waiting for a delay or a retry timer.
+    pub fn delayed(&self, queue: &str) -> usize {
+        self.existing_queue(queue).map(|q| q.delayed()).unwrap_or(0)
+    }
+
+    fn targets(&self, destination: &str) -> Result<Vec<Arc<Queue>>, Error> {
+        let mut topo = lock(&self.inner.topology);
+        let mut targets: Vec<Arc<Queue>> =
+            topo.bindings.get(destination).cloned().unwrap_or_default();
+        if let Some(q) = topo.queues.get(destination) {
+            if !targets.iter().any(|t| Arc::ptr_eq(t, q)) {
+                targets.push(q.clone());
+            }
+        }
+        if targets.is_empty() {
+            if !self.inner.auto_create {
+                return Err(Error::new(
+                    ErrorKind::Unroutable,
+                    format!("no queue or binding for {destination:?}; the message would be lost"),
+                ));
+            }
+            let q = Queue::new(
+                destination,
+                self.default_options(destination),
+                &self.inner.limits,
+            );
+            topo.queues.insert(destination.to_string(), q.clone());
+            targets.push(q);
+        }
+        Ok(targets)
+    }
+
+    fn check(
+        &self,
+        targets: &[Arc<Queue>],
+        env: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), Error> {
+        self.inner.limits.check_message(env)?;
+        if let Some(delay) = delay {
+            self.inner.limits.check_delay(delay)?;
+        }
+        for q in targets {
+            if q.options.fifo {
+                if env.key.is_none() {
+                    return Err(Error::limit(Limit::FifoGroupRequired));
+                }
+                if delay.is_some_and(|d| !d.is_zero()) {
+                    return Err(Error::limit(Limit::FifoDelayUnsupported));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn route(
+        &self,
+        destination: &str,
+        envelope: Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), PublishError> {
+        let targets = match self.targets(destination) {
+            Ok(t) => t,
+            Err(e) => return Err(self.failed(e, envelope)),
+        };
+        if let Err(e) = self.check(&targets, &envelope, delay) {
+            return Err(self.failed(e, envelope));
+        }
+        let (last, rest) = targets.split_last().expect("targets is never empty");
+        for q in rest {
+            self.enqueue(q, envelope.clone(), delay);
+        }
+        self.enqueue(last, envelope, delay);
+        self.inner.metrics.published.increment(1);
+        Ok(())
+    }
+
+    fn enqueue(&self, q: &Arc<Queue>, envelope: Envelope, delay: Option<Duration>) {
+        match delay {
+            Some(d) if !d.is_zero() => q.push_later(envelope, d),
+            _ => {
+                q.push(envelope);
+            }
+        }
+    }
+
+    fn failed(&self, error: Error, envelope: Envelope) -> PublishError {
+        self.inner.metrics.failed.increment(1);
+        PublishError::new(error, envelope)
+    }
+
+    /// Publishes `envelope` to be delivered after `delay` (SQS `DelaySeconds`).
+    pub async fn publish_delayed(
+        &self,
+        destination: &str,
+        envelope: Envelope,
+        delay: Duration,
+    ) -> Result<(), PublishError> {
+        self.route(destination, envelope, Some(delay))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[async_trait]
+impl Publisher for MemoryBroker {
+    async fn publish(&self, destination: &str, envelope: Envelope) -> Result<(), PublishError> {
+        self.route(destination, envelope, None)
+    }
+
+    async fn publish_batch(&self, destination: &str, envelopes: Vec<Envelope>) -> BatchReport {
+        BatchReport::new(
+            envelopes
+                .into_iter()
+                .map(|e| self.route(destination, e, None))
+                .collect(),
+        )
+    }
+}
