@@ -1,1 +1,44 @@
-//! postbox
+//! # postbox
+//!
+//! One set of reliable messaging abstractions over Apache Kafka, RabbitMQ and
+//! AWS SQS/SNS — and an in-process broker that needs nothing at all.
+//!
+//! * [`Envelope`]: a CloudEvents-compatible message (UUID v7 id, type, source,
+//!   time, schema version, correlation, partition key, trace context, attempt,
+//!   headers, payload).
+//! * [`Publisher`]: `publish` returns once the broker durably accepted the
+//!   message; `publish_batch` reports each message.
+//! * [`Consumer`]: runs a [`Handler`] with bounded concurrency, optional per-key
+//!   ordering, retries with backoff, dead-lettering with metadata, idempotency,
+//!   and graceful shutdown — with the same meaning on every broker.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use postbox::{handler_fn, memory::MemoryBroker, Consumer, DeadLetterRouter, Envelope, Publisher};
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), postbox::Error> {
+//! let broker = MemoryBroker::new();
+//! broker.publish("orders", Envelope::json("order.placed", &serde_json::json!({"id": 1}))?)
+//!     .await
+//!     .map_err(|e| e.error)?;
+//! let consumer = Consumer::builder(broker.subscribe("orders"), handler_fn(|env: Envelope| async move {
+//!         println!("{} {}", env.event_type, env.id);
+//!         Ok(())
+//!     }))
+//!     .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+//!     .build()?
+//!     .spawn();
+//! # tokio::task::yield_now().await;
+//! consumer.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Adapters arrive as features: `memory` (default) today; `kafka`, `rabbitmq`,
+//! `sqs` and `postgres` as they land.
+
+pub use postbox_core::*;
+
+/// The in-memory broker (feature `memory`, on by default).
+#[cfg(feature = "memory")]
+pub mod memory {
+    pub use postbox_memory::*;
+}

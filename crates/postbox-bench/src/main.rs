@@ -1,1 +1,3 @@
+//! Benchmarks (being written).
+
 fn main() {}

@@ -228,7 +228,7 @@ impl Envelope {
             Error::new(
                 ErrorKind::Decode,
                 format!(
-                    "payload of message {} (type {}) is not a valid {}",
+                    "payload of message {} (type {}) is not a valid {}: {e}",
                     self.id,
                     self.event_type,
                     std::any::type_name::<T>()

@@ -156,39 +156,33 @@ impl Delivery for TestDelivery {
         self.origin.clone()
     }
 
-    fn ack(mut self) -> impl Future<Output = SettleResult<Self>> + Send {
-        async move {
-            self.settled = true;
-            self.log.push(Event::Ack(self.id()));
-            Ok(())
-        }
+    async fn ack(mut self) -> SettleResult<Self> {
+        self.settled = true;
+        self.log.push(Event::Ack(self.id()));
+        Ok(())
     }
 
-    fn retry(mut self, retry: Retry) -> impl Future<Output = SettleResult<Self>> + Send {
-        async move {
-            self.settled = true;
-            self.log.push(Event::Retry {
-                id: self.id(),
-                attempt: self.env.attempt,
-                retry: retry.clone(),
+    async fn retry(mut self, retry: Retry) -> SettleResult<Self> {
+        self.settled = true;
+        self.log.push(Event::Retry {
+            id: self.id(),
+            attempt: self.env.attempt,
+            retry: retry.clone(),
+        });
+        if let Some(tx) = self.redeliver.as_ref().and_then(|w| w.upgrade()) {
+            let next = retry.next_envelope(&self.env);
+            tokio::spawn(async move {
+                tokio::time::sleep(retry.delay).await;
+                let _ = tx.send(next);
             });
-            if let Some(tx) = self.redeliver.as_ref().and_then(|w| w.upgrade()) {
-                let next = retry.next_envelope(&self.env);
-                tokio::spawn(async move {
-                    tokio::time::sleep(retry.delay).await;
-                    let _ = tx.send(next);
-                });
-            }
-            Ok(())
         }
+        Ok(())
     }
 
-    fn release(mut self) -> impl Future<Output = SettleResult<Self>> + Send {
-        async move {
-            self.settled = true;
-            self.log.push(Event::Release(self.id()));
-            Ok(())
-        }
+    async fn release(mut self) -> SettleResult<Self> {
+        self.settled = true;
+        self.log.push(Event::Release(self.id()));
+        Ok(())
     }
 }
 
@@ -1083,10 +1077,13 @@ async fn per_key_order_is_kept_with_random_handler_durations() {
     }
 }
 
+/// When each (message id, attempt) handler started and ended.
+type StartEnd = HashMap<(String, u32), (Instant, Instant)>;
+
 #[tokio::test(start_paused = true)]
 async fn ordered_retry_happens_in_place_and_blocks_only_its_key() {
     let (b, source) = broker(true);
-    let times: Arc<Mutex<HashMap<(String, u32), (Instant, Instant)>>> = Arc::default();
+    let times: Arc<Mutex<StartEnd>> = Arc::default();
     let seen: Arc<Mutex<Vec<Envelope>>> = Arc::default();
     let (t, s) = (times.clone(), seen.clone());
     let handler = logged(&b.log, move |env: Envelope| {

@@ -231,9 +231,11 @@ impl Queue {
         self.unacked.fetch_sub(1, Ordering::Relaxed);
         state.delayed += 1;
         drop(state);
+        // The deadline counts from now, not from the timer task's first poll.
+        let due = Instant::now() + delay;
         let queue = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep_until(due).await;
             let mut state = queue.lock();
             state.delayed -= 1;
             if let Some(g) = group_of(&stored.envelope, queue.options.fifo) {
@@ -249,9 +251,11 @@ impl Queue {
     /// Publishes `envelope` after `delay`.
     pub(crate) fn push_later(self: &Arc<Self>, envelope: Envelope, delay: Duration) {
         self.lock().delayed += 1;
+        // The deadline counts from now, not from the timer task's first poll.
+        let due = Instant::now() + delay;
         let queue = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep_until(due).await;
             queue.lock().delayed -= 1;
             queue.push(envelope);
         });

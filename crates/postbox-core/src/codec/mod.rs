@@ -108,7 +108,13 @@ pub(crate) fn encode_error(message: impl Into<std::borrow::Cow<'static, str>>) -
 
 /// Formats a time as RFC 3339 in UTC with the sub-second digits it has.
 pub fn format_time(t: SystemTime) -> Result<String, Error> {
-    let dt = time::OffsetDateTime::from(t);
+    // Checked conversion: `OffsetDateTime::from(SystemTime)` panics out of range.
+    let nanos: i128 = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i128::try_from(d.as_nanos()).unwrap_or(i128::MAX),
+        Err(e) => -i128::try_from(e.duration().as_nanos()).unwrap_or(i128::MAX),
+    };
+    let dt = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .map_err(|e| encode_error("time is out of the RFC 3339 range").with_source(e))?;
     dt.format(&time::format_description::well_known::Rfc3339)
         .map_err(|e| encode_error("time cannot be written as RFC 3339").with_source(e))
 }
@@ -163,6 +169,21 @@ mod tests {
         assert!(is_json_content_type("application/vnd.shop.order+json"));
         assert!(!is_json_content_type("application/octet-stream"));
         assert!(!is_json_content_type("text/plain"));
+    }
+
+    #[test]
+    fn far_future_time_is_an_error_not_a_panic() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(400_000_000_000);
+        assert_eq!(format_time(t).unwrap_err().kind(), &ErrorKind::Encode);
+        let env = crate::Envelope::builder("t").time(t).build();
+        assert_eq!(
+            crate::codec::structured::encode(&env).unwrap_err().kind(),
+            &ErrorKind::Encode
+        );
+        assert_eq!(
+            crate::codec::binary::encode(&env).unwrap_err().kind(),
+            &ErrorKind::Encode
+        );
     }
 
     #[test]

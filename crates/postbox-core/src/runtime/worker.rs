@@ -151,7 +151,7 @@ impl<H: Handler> Shared<H> {
             &self.policy,
             self.budget.as_deref(),
         );
-        self.settle(delivery, decision, attempt, result).await;
+        self.settle(delivery, decision, attempt, result, None).await;
     }
 
     /// Ordered mode: retries happen here, holding the lane, with the message
@@ -171,7 +171,11 @@ impl<H: Handler> Shared<H> {
                 self.budget.as_deref(),
             );
             let Decision::Retry { delay, reason } = decision else {
-                self.settle(delivery, decision, attempt, result).await;
+                // After in-place retries the first failure time is on the retried
+                // copy, not on the delivery's own envelope.
+                let first_failed = retried.as_ref().and_then(first_failed_at);
+                self.settle(delivery, decision, attempt, result, first_failed)
+                    .await;
                 return;
             };
             Counters::add(&self.counters.retried_in_place);
@@ -201,6 +205,7 @@ impl<H: Handler> Shared<H> {
         decision: Decision,
         attempt: u32,
         result: HandlerResult,
+        first_failed: Option<SystemTime>,
     ) {
         match decision {
             Decision::Ack => match delivery.ack().await {
@@ -228,7 +233,8 @@ impl<H: Handler> Shared<H> {
             }
             Decision::DeadLetter { reason } => {
                 let err = result.err();
-                let metadata = self.metadata(&delivery, reason, attempt, err.as_ref());
+                let metadata =
+                    self.metadata(&delivery, reason, attempt, err.as_ref(), first_failed);
                 match self.dead_letter.dead_letter(delivery, &metadata).await {
                     Ok(()) => {
                         Counters::add(&self.counters.dead_lettered);
@@ -250,6 +256,7 @@ impl<H: Handler> Shared<H> {
         reason: FailureReason,
         attempt: u32,
         err: Option<&HandlerError>,
+        first_failed: Option<SystemTime>,
     ) -> DeadLetterMetadata {
         let now = SystemTime::now();
         DeadLetterMetadata {
@@ -260,7 +267,9 @@ impl<H: Handler> Shared<H> {
                 .into_owned(),
             error_type: err.map(|e| e.error_type().to_string()).unwrap_or_default(),
             attempts: attempt,
-            first_failed_at: first_failed_at(delivery.envelope()).unwrap_or(now),
+            first_failed_at: first_failed
+                .or_else(|| first_failed_at(delivery.envelope()))
+                .unwrap_or(now),
             last_failed_at: now,
             origin: delivery.origin(),
             consumer: self.name.clone(),
