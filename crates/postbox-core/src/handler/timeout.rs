@@ -46,3 +46,30 @@ impl<H: Handler> Handler for Timeout<H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::{handler_fn, Disposition, FailureReason, HandlerBuilder};
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_handler_times_out_as_transient() {
+        let handler = HandlerBuilder::new()
+            .timeout(Duration::from_secs(1))
+            .handler(handler_fn(|_env: Envelope| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(())
+            }));
+        let err = handler.handle(&Envelope::new("t", "{}")).await.unwrap_err();
+        assert_eq!(err.disposition(), Disposition::Transient);
+        assert_eq!(err.reason(), FailureReason::Timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fast_handler_is_untouched() {
+        let handler = HandlerBuilder::new()
+            .timeout(Duration::from_secs(1))
+            .handler(handler_fn(|_env: Envelope| async { Ok(()) }));
+        handler.handle(&Envelope::new("t", "{}")).await.unwrap();
+    }
+}

@@ -162,3 +162,80 @@ impl<H: Handler> Handler for Upcast<H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::{handler_fn, Disposition, FailureReason, HandlerBuilder};
+
+    fn v1() -> Envelope {
+        Envelope::builder("order.placed")
+            .schema_version("1")
+            .payload(r#"{"total":5}"#)
+            .build()
+    }
+
+    #[tokio::test]
+    async fn chain_applies_every_step_before_the_handler() {
+        let upcasters = Upcasters::new()
+            .json("order.placed", "1", "2", |mut v| {
+                v["step1"] = true.into();
+                Ok(v)
+            })
+            .json("order.placed", "2", "3", |mut v| {
+                v["step2"] = true.into();
+                Ok(v)
+            });
+        let handler = HandlerBuilder::new().upcast(upcasters).handler(handler_fn(
+            |env: Envelope| async move {
+                assert_eq!(env.schema_version.as_deref(), Some("3"));
+                let v: serde_json::Value = serde_json::from_slice(&env.payload).unwrap();
+                assert_eq!(
+                    v,
+                    serde_json::json!({"total": 5, "step1": true, "step2": true})
+                );
+                Ok(())
+            },
+        ));
+        handler.handle(&v1()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn failing_step_is_a_permanent_decode_error_and_skips_the_handler() {
+        let upcasters =
+            Upcasters::new().step("order.placed", "1", "2", |_| Err("field missing".into()));
+        let handler =
+            HandlerBuilder::new()
+                .upcast(upcasters)
+                .handler(handler_fn(|_env: Envelope| async {
+                    panic!("must not run")
+                }));
+        let err = handler.handle(&v1()).await.unwrap_err();
+        assert_eq!(err.disposition(), Disposition::Permanent);
+        assert_eq!(err.reason(), FailureReason::Decode);
+        assert!(
+            err.message().contains("from schema version \"1\" to \"2\""),
+            "{}",
+            err.message()
+        );
+    }
+
+    #[test]
+    fn a_cycle_is_an_error_not_a_hang() {
+        let upcasters = Upcasters::new()
+            .step("t", "1", "2", Ok)
+            .step("t", "2", "1", Ok);
+        let env = Envelope::builder("t").schema_version("1").build();
+        assert_eq!(
+            upcasters.apply(&env).unwrap_err().kind(),
+            &ErrorKind::Decode
+        );
+    }
+
+    #[test]
+    fn other_types_pass_through_borrowed() {
+        let upcasters = Upcasters::new().step("t", "1", "2", Ok);
+        let env = Envelope::builder("other").schema_version("1").build();
+        assert!(matches!(upcasters.apply(&env).unwrap(), Cow::Borrowed(_)));
+    }
+}
