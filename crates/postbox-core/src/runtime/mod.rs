@@ -40,8 +40,9 @@ pub enum Ordering {
     Unordered,
     /// Messages with the same partition key are processed one after the other,
     /// in arrival order, in `concurrency` lanes; a retry holds its lane (in-process
-    /// wait, message unacked) instead of overtaking. Messages without a key
-    /// share one lane.
+    /// wait, message unacked) instead of overtaking, while other keys keep
+    /// flowing (bounded by [`ConsumerBuilder::max_in_flight`]). Messages without a
+    /// key share one lane.
     PerKey,
 }
 
@@ -135,6 +136,7 @@ pub struct Consumer<S, H> {
     concurrency: usize,
     ordering: Ordering,
     grace: Duration,
+    max_in_flight: usize,
 }
 
 /// Builds a [`Consumer`].
@@ -149,6 +151,7 @@ pub struct ConsumerBuilder<S, H> {
     dead_letter: Option<DeadLetterRouter>,
     grace: Duration,
     shutdown: CancellationToken,
+    max_in_flight: Option<usize>,
 }
 
 impl<S: Source, H: Handler> Consumer<S, H> {
@@ -165,6 +168,7 @@ impl<S: Source, H: Handler> Consumer<S, H> {
             dead_letter: None,
             grace: Duration::from_secs(30),
             shutdown: CancellationToken::new(),
+            max_in_flight: None,
         }
     }
 
@@ -184,6 +188,7 @@ impl<S: Source, H: Handler> Consumer<S, H> {
             concurrency,
             ordering,
             grace,
+            max_in_flight,
         } = self;
         let mut tasks = JoinSet::new();
         match ordering {
@@ -196,11 +201,12 @@ impl<S: Source, H: Handler> Consumer<S, H> {
             Ordering::PerKey => {
                 let mut lanes = Vec::with_capacity(concurrency);
                 for _ in 0..concurrency {
-                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                     lanes.push(tx);
                     tasks.spawn(worker::lane(shared.clone(), rx));
                 }
-                tasks.spawn(worker::dispatch(shared.clone(), source, lanes));
+                let bound = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(concurrency)));
+                tasks.spawn(worker::dispatch(shared.clone(), source, lanes, bound));
             }
         }
         // Wait for shutdown, or for every worker to end (source closed).
@@ -291,6 +297,16 @@ impl<S: Source, H: Handler> ConsumerBuilder<S, H> {
         self
     }
 
+    /// [`Ordering::PerKey`] only: how many deliveries may be fetched and not
+    /// yet settled across all lanes (default 4 × concurrency, at least the
+    /// concurrency). A key waiting on a retry keeps its lane; the other keys
+    /// keep flowing until this bound is reached. (Unordered: the bound is the
+    /// concurrency.)
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = Some(n.max(1));
+        self
+    }
+
     /// Sets the ordering mode (default [`Ordering::Unordered`]).
     pub fn ordering(mut self, ordering: Ordering) -> Self {
         self.ordering = ordering;
@@ -360,6 +376,7 @@ impl<S: Source, H: Handler> ConsumerBuilder<S, H> {
             concurrency: self.concurrency,
             ordering: self.ordering,
             grace: self.grace,
+            max_in_flight: self.max_in_flight.unwrap_or(4 * self.concurrency),
         })
     }
 }

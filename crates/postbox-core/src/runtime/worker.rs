@@ -3,7 +3,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 
 use super::{decide, Counters, Decision, Shared};
 use crate::delivery::{first_failed_at, Delivery, Retry, Source};
@@ -65,15 +65,29 @@ pub(crate) async fn unordered<S: Source, H: Handler>(
     }
 }
 
+/// A delivery handed to a lane, with its share of the in-flight bound.
+pub(crate) type Laned<D> = (D, OwnedSemaphorePermit);
+
 /// The dispatcher of the ordered mode: one reader of the source hands each
-/// delivery to the lane of its key, waiting when that lane is busy.
+/// delivery to the lane of its key. It fetches only while the in-flight bound
+/// has room, so a key waiting on a retry holds its own lane but never stops
+/// the other keys (until the bound is reached).
 pub(crate) async fn dispatch<S: Source, H: Handler>(
     shared: Arc<Shared<H>>,
     mut source: S,
-    lanes: Vec<mpsc::Sender<S::Delivery>>,
+    lanes: Vec<mpsc::UnboundedSender<Laned<S::Delivery>>>,
+    in_flight: Arc<Semaphore>,
 ) {
     let mut backoff = SOURCE_ERROR_BACKOFF.0;
     loop {
+        let permit = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => return,
+            permit = in_flight.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let next = tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => return,
@@ -92,17 +106,10 @@ pub(crate) async fn dispatch<S: Source, H: Handler>(
         backoff = SOURCE_ERROR_BACKOFF.0;
         Counters::add(&shared.counters.received);
         let lane = &lanes[lane_of(delivery.envelope(), lanes.len())];
-        let permit = tokio::select! {
-            biased;
-            _ = shared.shutdown.cancelled() => None,
-            permit = lane.reserve() => permit.ok(),
-        };
-        match permit {
-            Some(permit) => permit.send(delivery),
-            None => {
-                shared.release(delivery).await;
-                return;
-            }
+        if let Err(mpsc::error::SendError((delivery, _permit))) = lane.send((delivery, permit)) {
+            // The lane is gone (its task ended): give the message back.
+            shared.release(delivery).await;
+            return;
         }
     }
 }
@@ -116,17 +123,19 @@ fn lane_of(env: &Envelope, lanes: usize) -> usize {
 /// A lane of the ordered mode: handles its deliveries one after the other.
 pub(crate) async fn lane<D: Delivery, H: Handler>(
     shared: Arc<Shared<H>>,
-    mut rx: mpsc::Receiver<D>,
+    mut rx: mpsc::UnboundedReceiver<Laned<D>>,
 ) {
-    while let Some(delivery) = rx.recv().await {
+    while let Some((delivery, permit)) = rx.recv().await {
         if shared.shutdown.is_cancelled() {
             // Fetched but not started: give it back rather than start new work.
             shared.release(delivery).await;
+            drop(permit);
             continue;
         }
         shared.metrics.in_flight.increment(1.0);
         shared.process_in_place(delivery).await;
         shared.metrics.in_flight.decrement(1.0);
+        drop(permit);
     }
 }
 
