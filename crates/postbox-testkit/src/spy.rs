@@ -43,6 +43,17 @@ pub struct Call {
     pub behaviour: Behaviour,
 }
 
+impl Call {
+    /// Whether the call finished successfully.
+    pub fn succeeded(&self) -> bool {
+        self.finished.is_some()
+            && matches!(
+                self.behaviour,
+                Behaviour::Succeed | Behaviour::SleepThenSucceed(_)
+            )
+    }
+}
+
 #[derive(Default)]
 struct State {
     calls: Vec<Call>,
@@ -129,13 +140,7 @@ impl HandlerSpy {
         self.lock()
             .calls
             .iter()
-            .filter(|c| {
-                c.finished.is_some()
-                    && matches!(
-                        c.behaviour,
-                        Behaviour::Succeed | Behaviour::SleepThenSucceed(_)
-                    )
-            })
+            .filter(|c| c.succeeded())
             .cloned()
             .collect()
     }
@@ -203,20 +208,33 @@ impl HandlerSpy {
         timeout: Duration,
     ) -> Result<Vec<Call>, String> {
         self.wait_until(&format!("{n} successful calls"), timeout, |calls| {
-            calls
-                .iter()
-                .filter(|c| {
-                    c.finished.is_some()
-                        && matches!(
-                            c.behaviour,
-                            Behaviour::Succeed | Behaviour::SleepThenSucceed(_)
-                        )
-                })
-                .count()
-                >= n
+            calls.iter().filter(|c| c.succeeded()).count() >= n
         })
         .await?;
         Ok(self.successes())
+    }
+
+    /// Waits until `n` distinct message ids have succeeded (redeliveries of an
+    /// id count once).
+    pub async fn wait_for_distinct_successes(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        self.wait_until(
+            &format!("{n} distinct messages to succeed"),
+            timeout,
+            |calls| {
+                calls
+                    .iter()
+                    .filter(|c| c.succeeded())
+                    .map(|c| c.envelope.id.as_str())
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+                    >= n
+            },
+        )
+        .await
     }
 
     /// Waits for `n` calls of any outcome.

@@ -323,18 +323,7 @@ pub async fn consumer_closed_mid_stream_loses_nothing(h: &dyn Harness) -> TestRe
     spy.wait_for_successes(10, WAIT).await?;
     first.shutdown().await.map_err(err)?;
     let second = start(consumer(h, subscribe(h, &topic, "g").await?, spy.clone()).concurrency(4))?;
-    spy.wait_until("all 50 messages", WAIT, |calls| {
-        call_ids(
-            &calls
-                .iter()
-                .filter(|c| c.finished.is_some())
-                .cloned()
-                .collect::<Vec<_>>(),
-        )
-        .len()
-            >= 50
-    })
-    .await?;
+    spy.wait_for_distinct_successes(50, WAIT).await?;
     second.shutdown().await.map_err(err)?;
     ensure!(
         call_ids(&spy.successes()) == ids(&envs),
@@ -363,18 +352,7 @@ pub async fn concurrent_subscribe_and_close_leave_things_working(h: &dyn Harness
         c.await.map_err(err)??;
     }
     let last = start(consumer(h, subscribe(h, &topic, "g").await?, spy.clone()))?;
-    spy.wait_until("all 30 messages", WAIT, |calls| {
-        call_ids(
-            &calls
-                .iter()
-                .filter(|c| c.finished.is_some())
-                .cloned()
-                .collect::<Vec<_>>(),
-        )
-        .len()
-            >= 30
-    })
-    .await?;
+    spy.wait_for_distinct_successes(30, WAIT).await?;
     last.shutdown().await.map_err(err)?;
     ensure!(call_ids(&spy.successes()) == ids(&envs), "messages lost");
     Ok(Verdict::Passed)
@@ -466,18 +444,7 @@ pub async fn concurrent_publish_then_close_loses_nothing(h: &dyn Harness) -> Tes
     }
     first.shutdown().await.map_err(err)?;
     let second = start(consumer(h, subscribe(h, &topic, "g").await?, spy.clone()).concurrency(2))?;
-    spy.wait_until("all 60 messages", WAIT, |calls| {
-        call_ids(
-            &calls
-                .iter()
-                .filter(|c| c.finished.is_some())
-                .cloned()
-                .collect::<Vec<_>>(),
-        )
-        .len()
-            >= 60
-    })
-    .await?;
+    spy.wait_for_distinct_successes(60, WAIT).await?;
     second.shutdown().await.map_err(err)?;
     ensure!(call_ids(&spy.successes()) == ids(&envs), "messages lost");
     Ok(Verdict::Passed)
