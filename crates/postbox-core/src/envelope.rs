@@ -3,13 +3,13 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use uuid::Uuid;
+use uuid::{ContextV7, Timestamp, Uuid};
 
 use crate::error::{Error, ErrorKind};
 
@@ -42,10 +42,23 @@ enum Repr {
     Text(Arc<str>),
 }
 
+/// The UUID v7 counter of the ids made in this process (what `Uuid::now_v7`
+/// keeps in its own shared context): ids made here are strictly ordered.
+static ID_CONTEXT: Mutex<ContextV7> = Mutex::new(ContextV7::new());
+
 impl MessageId {
     /// A fresh UUID v7 id.
     pub fn new() -> Self {
-        Self::from_uuid(Uuid::now_v7())
+        Self::at(SystemTime::now())
+    }
+
+    /// A fresh UUID v7 id for something that happens at `time`, so an envelope
+    /// reads the clock once for its id and its `time` (a time before 1970
+    /// counts as 1970).
+    fn at(time: SystemTime) -> Self {
+        let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let ts = Timestamp::from_unix(&ID_CONTEXT, since.as_secs(), since.subsec_nanos());
+        Self::from_uuid(Uuid::new_v7(ts))
     }
 
     /// An id from a UUID (rendered lower-case hyphenated).
@@ -184,11 +197,12 @@ impl Envelope {
 
     /// A new envelope with a fresh id, the current time and a payload of bytes.
     pub fn new(event_type: impl Into<Text>, payload: impl Into<Bytes>) -> Self {
+        let now = SystemTime::now();
         Envelope {
-            id: MessageId::new(),
+            id: MessageId::at(now),
             event_type: event_type.into(),
             source: Cow::Borrowed(DEFAULT_SOURCE),
-            time: Some(SystemTime::now()),
+            time: Some(now),
             schema_version: None,
             content_type: Cow::Borrowed(JSON),
             subject: None,

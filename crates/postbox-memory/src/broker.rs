@@ -1,7 +1,7 @@
 //! The broker: queues, topic bindings, publishing.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,7 +24,10 @@ struct Topology {
 
 #[derive(Debug)]
 struct Inner {
-    topology: Mutex<Topology>,
+    /// Read-mostly: publishing only reads it (and holds the read lock while
+    /// enqueueing, so it needs no reference count traffic on the queues);
+    /// declaring, binding and auto-creating write it.
+    topology: RwLock<Topology>,
     limits: Limits,
     auto_create: bool,
     metrics: PublisherMetrics,
@@ -73,7 +76,7 @@ impl MemoryBroker {
     pub fn with_limits(limits: Limits) -> Self {
         MemoryBroker {
             inner: Arc::new(Inner {
-                topology: Mutex::new(Topology::default()),
+                topology: RwLock::new(Topology::default()),
                 limits,
                 auto_create: true,
                 metrics: PublisherMetrics::new(SYSTEM),
@@ -86,7 +89,7 @@ impl MemoryBroker {
         let inner = &self.inner;
         MemoryBroker {
             inner: Arc::new(Inner {
-                topology: Mutex::new(std::mem::take(&mut *lock(&inner.topology))),
+                topology: RwLock::new(std::mem::take(&mut *write(&inner.topology))),
                 limits: inner.limits.clone(),
                 auto_create: false,
                 metrics: inner.metrics.clone(),
@@ -117,7 +120,7 @@ impl MemoryBroker {
     }
 
     fn queue_or_create(&self, name: &str, options: Option<QueueOptions>) -> Arc<Queue> {
-        let mut topo = lock(&self.inner.topology);
+        let mut topo = write(&self.inner.topology);
         if let Some(q) = topo.queues.get(name) {
             return q.clone();
         }
@@ -131,7 +134,7 @@ impl MemoryBroker {
     /// `queue` (fan-out). Declares the queue if needed; idempotent.
     pub fn bind(&self, topic: &str, queue: &str) {
         let q = self.queue_or_create(queue, None);
-        let mut topo = lock(&self.inner.topology);
+        let mut topo = write(&self.inner.topology);
         let bound = topo.bindings.entry(topic.to_string()).or_default();
         if !bound.iter().any(|b| Arc::ptr_eq(b, &q)) {
             bound.push(q);
@@ -160,7 +163,7 @@ impl MemoryBroker {
     }
 
     pub(crate) fn existing_queue(&self, name: &str) -> Result<Arc<Queue>, Error> {
-        lock(&self.inner.topology)
+        read(&self.inner.topology)
             .queues
             .get(name)
             .cloned()
@@ -184,31 +187,31 @@ impl MemoryBroker {
         self.existing_queue(queue).map(|q| q.delayed()).unwrap_or(0)
     }
 
-    fn targets(&self, destination: &str) -> Result<Vec<Arc<Queue>>, Error> {
-        let mut topo = lock(&self.inner.topology);
-        let mut targets: Vec<Arc<Queue>> =
-            topo.bindings.get(destination).cloned().unwrap_or_default();
-        if let Some(q) = topo.queues.get(destination) {
-            if !targets.iter().any(|t| Arc::ptr_eq(t, q)) {
-                targets.push(q.clone());
-            }
+    /// Declares `destination` as a queue for a publish that found no route
+    /// (or fails with `Unroutable` without auto-creation).
+    fn create_route(&self, destination: &str) -> Result<(), Error> {
+        let mut topo = write(&self.inner.topology);
+        if topo.queues.contains_key(destination)
+            || topo
+                .bindings
+                .get(destination)
+                .is_some_and(|b| !b.is_empty())
+        {
+            return Ok(()); // declared meanwhile
         }
-        if targets.is_empty() {
-            if !self.inner.auto_create {
-                return Err(Error::new(
-                    ErrorKind::Unroutable,
-                    format!("no queue or binding for {destination:?}; the message would be lost"),
-                ));
-            }
-            let q = Queue::new(
-                destination,
-                self.default_options(destination),
-                &self.inner.limits,
-            );
-            topo.queues.insert(destination.to_string(), q.clone());
-            targets.push(q);
+        if !self.inner.auto_create {
+            return Err(Error::new(
+                ErrorKind::Unroutable,
+                format!("no queue or binding for {destination:?}; the message would be lost"),
+            ));
         }
-        Ok(targets)
+        let q = Queue::new(
+            destination,
+            self.default_options(destination),
+            &self.inner.limits,
+        );
+        topo.queues.insert(destination.to_string(), q);
+        Ok(())
     }
 
     fn check(
@@ -240,20 +243,42 @@ impl MemoryBroker {
         envelope: Envelope,
         delay: Option<Duration>,
     ) -> Result<(), PublishError> {
-        let targets = match self.targets(destination) {
-            Ok(t) => t,
-            Err(e) => return Err(self.failed(e, envelope)),
-        };
-        if let Err(e) = self.check(&targets, &envelope, delay) {
-            return Err(self.failed(e, envelope));
+        loop {
+            let topo = read(&self.inner.topology);
+            // Publishing delivers to every queue bound to `destination` (in
+            // binding order), then to the queue of that name if it is not one
+            // of them. Resolved without allocating or cloning in the common cases.
+            let both: Vec<Arc<Queue>>;
+            let targets: &[Arc<Queue>] = match (
+                topo.bindings.get(destination).filter(|b| !b.is_empty()),
+                topo.queues.get(destination),
+            ) {
+                (None, Some(q)) => std::slice::from_ref(q),
+                (Some(bound), None) => bound,
+                (Some(bound), Some(q)) if bound.iter().any(|t| Arc::ptr_eq(t, q)) => bound,
+                (Some(bound), Some(q)) => {
+                    both = bound.iter().chain(std::iter::once(q)).cloned().collect();
+                    &both
+                }
+                (None, None) => {
+                    drop(topo);
+                    if let Err(e) = self.create_route(destination) {
+                        return Err(self.failed(e, envelope));
+                    }
+                    continue;
+                }
+            };
+            if let Err(e) = self.check(targets, &envelope, delay) {
+                return Err(self.failed(e, envelope));
+            }
+            let (last, rest) = targets.split_last().expect("targets is never empty");
+            for q in rest {
+                self.enqueue(q, envelope.clone(), delay);
+            }
+            self.enqueue(last, envelope, delay);
+            self.inner.metrics.published.increment(1);
+            return Ok(());
         }
-        let (last, rest) = targets.split_last().expect("targets is never empty");
-        for q in rest {
-            self.enqueue(q, envelope.clone(), delay);
-        }
-        self.enqueue(last, envelope, delay);
-        self.inner.metrics.published.increment(1);
-        Ok(())
     }
 
     fn enqueue(&self, q: &Arc<Queue>, envelope: Envelope, delay: Option<Duration>) {
@@ -281,8 +306,12 @@ impl MemoryBroker {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 #[async_trait]

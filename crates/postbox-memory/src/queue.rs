@@ -68,16 +68,33 @@ struct State {
 }
 
 /// A queue shared by its publishers and competing consumers.
+///
+/// Publishers and consumers run on different cores: what each side writes
+/// on every message sits on its own cache lines (the state lock, the
+/// publishers' wake-up, the consumers' counters), so one side's writes do not
+/// evict what the other side is using.
 #[derive(Debug)]
 pub(crate) struct Queue {
     pub(crate) name: String,
     pub(crate) options: QueueOptions,
     pub(crate) limits: Limits,
-    state: Mutex<State>,
-    pub(crate) notify: Notify,
-    next_tag: AtomicU64,
+    state: CachePadded<Mutex<State>>,
+    pub(crate) notify: CachePadded<Notify>,
+    next_tag: CachePadded<AtomicU64>,
     /// Deliveries handed out and not yet settled.
-    pub(crate) unacked: AtomicU64,
+    pub(crate) unacked: CachePadded<AtomicU64>,
+}
+
+/// Aligns `T` to 128 bytes (two cache lines: x86 prefetches lines in pairs).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct CachePadded<T>(T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// What [`Queue::pop`] found.
@@ -93,10 +110,10 @@ impl Queue {
             name: name.to_string(),
             options,
             limits: limits.clone(),
-            state: Mutex::new(State::default()),
-            notify: Notify::new(),
-            next_tag: AtomicU64::new(1),
-            unacked: AtomicU64::new(0),
+            state: CachePadded(Mutex::new(State::default())),
+            notify: CachePadded(Notify::new()),
+            next_tag: CachePadded(AtomicU64::new(1)),
+            unacked: CachePadded(AtomicU64::new(0)),
         })
     }
 
@@ -129,9 +146,10 @@ impl Queue {
     /// Takes the next deliverable message.
     pub(crate) fn pop(&self) -> Pop {
         let mut state = self.lock();
-        let now = Instant::now();
+        // The clock is read only by queues with a visibility timeout.
+        let now = self.options.visibility_timeout.map(|_| Instant::now());
         let mut wake_at = None;
-        if self.options.visibility_timeout.is_some() && !state.in_flight.is_empty() {
+        if let (Some(now), false) = (now, state.in_flight.is_empty()) {
             let expired: Vec<u64> = state
                 .in_flight
                 .iter()
@@ -155,12 +173,15 @@ impl Queue {
                 .ready
                 .iter()
                 .position(|s| group_of(&s.envelope, true).is_none_or(|g| !busy.contains(g)))
-        } else if state.ready.is_empty() {
-            None
         } else {
             Some(0)
         };
-        let Some(mut stored) = index.and_then(|i| state.ready.remove(i)) else {
+        let next = match index {
+            Some(0) => state.ready.pop_front(),
+            Some(i) => state.ready.remove(i),
+            None => None,
+        };
+        let Some(mut stored) = next else {
             return Pop::Empty { wake_at };
         };
         stored.receive_count += 1;
@@ -168,7 +189,7 @@ impl Queue {
         if let Some(g) = group_of(&stored.envelope, self.options.fifo) {
             state.busy_groups.insert(g.to_string());
         }
-        if let Some(timeout) = self.options.visibility_timeout {
+        if let (Some(timeout), Some(now)) = (self.options.visibility_timeout, now) {
             state.in_flight.insert(
                 tag,
                 InFlight {
@@ -199,6 +220,12 @@ impl Queue {
 
     pub(crate) fn ack(&self, tag: u64, env: &Envelope) -> bool {
         let fifo = self.options.fifo;
+        if !fifo && self.options.visibility_timeout.is_none() {
+            // Nothing in the state to update (no in-flight copy, no group to
+            // free): `finish` would only do this.
+            self.unacked.fetch_sub(1, Ordering::Relaxed);
+            return true;
+        }
         let ok = {
             let mut state = self.lock();
             self.finish(&mut state, tag, env)

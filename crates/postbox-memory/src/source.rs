@@ -33,21 +33,33 @@ impl Source for MemorySource {
     type Delivery = MemoryDelivery;
 
     async fn next(&mut self) -> Option<Result<MemoryDelivery, Error>> {
+        // Fast path: a message is ready, no need to register for a wake-up.
+        if let Pop::Got { tag, stored } = self.queue.pop() {
+            return Some(Ok(MemoryDelivery::new(self.queue.clone(), tag, stored)));
+        }
         loop {
+            // Register before looking again, so a push in between is not missed.
             let notified = self.queue.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.queue.pop() {
+            // The popped value is not kept across the wait below (a match
+            // scrutinee would be), which keeps this future small and cheap to move.
+            let wake_at = match self.queue.pop() {
                 Pop::Got { tag, stored } => {
                     return Some(Ok(MemoryDelivery::new(self.queue.clone(), tag, stored)));
                 }
-                Pop::Empty { wake_at: Some(at) } => {
+                Pop::Empty { wake_at } => wake_at,
+            };
+            match wake_at {
+                Some(at) => {
+                    // Boxed: a timer is large and only this rare wait needs one.
+                    let timer = Box::pin(tokio::time::sleep_until(at));
                     tokio::select! {
                         _ = notified => {}
-                        _ = tokio::time::sleep_until(at) => {}
+                        _ = timer => {}
                     }
                 }
-                Pop::Empty { wake_at: None } => notified.await,
+                None => notified.await,
             }
         }
     }
@@ -120,11 +132,11 @@ impl Delivery for MemoryDelivery {
     }
 
     async fn ack(mut self) -> SettleResult<Self> {
-        let stored = self.stored.take().expect("unsettled");
-        if self.queue.ack(self.tag, &stored.envelope) {
+        if self.queue.ack(self.tag, &self.stored().envelope) {
+            // Settled: dropped in place (no move), so `Drop` gives nothing back.
+            self.stored = None;
             Ok(())
         } else {
-            self.stored = Some(stored);
             Err(self.expired())
         }
     }

@@ -70,7 +70,6 @@ impl<H: Handler> Handler for Telemetry<H> {
             error.type = tracing::field::Empty,
         );
         let fut = self.inner.handle(envelope);
-        let m = self.metrics.clone();
         async move {
             m.consumed.increment(1);
             let started = Instant::now();

@@ -192,10 +192,14 @@ impl<S: Source, H: Handler> Consumer<S, H> {
         } = self;
         let mut tasks = JoinSet::new();
         match ordering {
+            Ordering::Unordered if concurrency == 1 => {
+                tasks.spawn(worker::unordered(shared.clone(), worker::Owned(source)));
+            }
             Ordering::Unordered => {
                 let source = Arc::new(tokio::sync::Mutex::new(source));
                 for _ in 0..concurrency {
-                    tasks.spawn(worker::unordered(shared.clone(), source.clone()));
+                    let source = worker::Competing(source.clone());
+                    tasks.spawn(worker::unordered(shared.clone(), source));
                 }
             }
             Ordering::PerKey => {

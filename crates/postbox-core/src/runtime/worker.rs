@@ -1,12 +1,15 @@
 use std::borrow::Cow;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 
 use super::{decide, Counters, Decision, Shared};
-use crate::delivery::{first_failed_at, Delivery, Retry, Source};
+use crate::delivery::{first_failed_at, Delivery, Retry, SettleResult, Source};
 use crate::dlq::DeadLetterMetadata;
 use crate::envelope::Envelope;
 use crate::error::Error;
@@ -27,41 +30,85 @@ async fn after_source_error<H>(shared: &Shared<H>, error: Error, backoff: &mut D
     }
 }
 
-/// A worker of the unordered mode: takes the next delivery from the shared
-/// source, handles it, settles it; `concurrency` of these run at once.
-pub(crate) async fn unordered<S: Source, H: Handler>(
-    shared: Arc<Shared<H>>,
-    source: Arc<Mutex<S>>,
-) {
+/// Where a worker of the unordered mode takes deliveries from.
+pub(crate) trait Fetch: Send + 'static {
+    type Delivery: Delivery;
+    /// The next delivery (cancel-safe, like [`Source::next`]).
+    fn fetch(&mut self) -> impl Future<Output = Option<Result<Self::Delivery, Error>>> + Send;
+}
+
+/// The only worker owns the source: no lock to take per message.
+pub(crate) struct Owned<S>(pub(crate) S);
+
+impl<S: Source> Fetch for Owned<S> {
+    type Delivery = S::Delivery;
+    fn fetch(&mut self) -> impl Future<Output = Option<Result<S::Delivery, Error>>> + Send {
+        self.0.next()
+    }
+}
+
+/// Several workers take turns on one source.
+pub(crate) struct Competing<S>(pub(crate) Arc<Mutex<S>>);
+
+impl<S: Source> Fetch for Competing<S> {
+    type Delivery = S::Delivery;
+    async fn fetch(&mut self) -> Option<Result<S::Delivery, Error>> {
+        self.0.lock().await.next().await
+    }
+}
+
+/// A worker of the unordered mode: takes the next delivery from the source,
+/// handles it, settles it; `concurrency` of these run at once.
+pub(crate) async fn unordered<F: Fetch, H: Handler>(shared: Arc<Shared<H>>, mut source: F) {
     let mut backoff = SOURCE_ERROR_BACKOFF.0;
     loop {
         let next = {
-            let mut guard = tokio::select! {
-                biased;
-                _ = shared.shutdown.cancelled() => return,
-                guard = source.lock() => guard,
-            };
-            tokio::select! {
-                biased;
-                _ = shared.shutdown.cancelled() => return,
-                next = guard.next() => next,
-            }
+            // What `select! { biased; _ = cancelled => return, next = fetch => next }`
+            // does, except that it registers for the cancellation wake-up only
+            // when the fetch has to wait: a ready delivery costs one
+            // `is_cancelled` check. (Polled in place: a delivery is large.)
+            let token = &shared.shutdown;
+            let mut fetch = pin!(source.fetch());
+            let mut cancelled = pin!(token.cancelled());
+            std::future::poll_fn(|cx| {
+                if token.is_cancelled() {
+                    return Poll::Ready(None);
+                }
+                if let Poll::Ready(next) = fetch.as_mut().poll(cx) {
+                    return Poll::Ready(Some(next));
+                }
+                // Registers the wake-up before returning `Pending`.
+                cancelled.as_mut().poll(cx).map(|()| None)
+            })
+            .await
         };
-        match next {
-            None => return,
-            Some(Err(e)) => {
+        let delivery = match next {
+            None | Some(None) => return,
+            Some(Some(Err(e))) => {
                 if !after_source_error(&shared, e, &mut backoff).await {
                     return;
                 }
+                continue;
             }
-            Some(Ok(delivery)) => {
-                backoff = SOURCE_ERROR_BACKOFF.0;
-                Counters::add(&shared.counters.received);
-                shared.metrics.in_flight.increment(1.0);
-                shared.process(delivery).await;
-                shared.metrics.in_flight.decrement(1.0);
-            }
+            Some(Some(Ok(delivery))) => delivery,
+        };
+        backoff = SOURCE_ERROR_BACKOFF.0;
+        Counters::add(&shared.counters.received);
+        shared.metrics.in_flight.increment(1.0);
+        // Handle and settle it; the success path is written out here so the
+        // delivery is not moved into one more future on its way to `ack`.
+        let attempt = delivery.attempt();
+        shared.deposit_first_attempt(attempt);
+        let result = shared.handler.handle(delivery.envelope()).await;
+        if result.is_ok() {
+            // What `decide` answers for a success, without rendering the id
+            // (only retry jitter needs it).
+            let acked = delivery.ack().await;
+            shared.acked(acked);
+        } else {
+            shared.failed(delivery, attempt, result).await;
         }
+        shared.metrics.in_flight.decrement(1.0);
     }
 }
 
@@ -148,11 +195,16 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// Handles a delivery and settles it through the broker.
-    async fn process<D: Delivery>(&self, delivery: D) {
-        let attempt = delivery.attempt();
-        self.deposit_first_attempt(attempt);
-        let result = self.handler.handle(delivery.envelope()).await;
+    /// Counts the outcome of an ack.
+    fn acked<D>(&self, acked: SettleResult<D>) {
+        match acked {
+            Ok(()) => Counters::add(&self.counters.acked),
+            Err(e) => self.settle_failed("ack", e.error),
+        }
+    }
+
+    /// Settles a delivery whose handler failed, through the broker.
+    async fn failed<D: Delivery>(&self, delivery: D, attempt: u32, result: HandlerResult) {
         let decision = decide(
             &result,
             attempt,
@@ -217,10 +269,7 @@ impl<H: Handler> Shared<H> {
         first_failed: Option<SystemTime>,
     ) {
         match decision {
-            Decision::Ack => match delivery.ack().await {
-                Ok(()) => Counters::add(&self.counters.acked),
-                Err(e) => self.settle_failed("ack", e.error),
-            },
+            Decision::Ack => self.acked(delivery.ack().await),
             Decision::Retry { delay, reason } => {
                 let retry = Retry {
                     delay,
