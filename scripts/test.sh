@@ -21,12 +21,36 @@ mkdir -p "$LOG_DIR"
 
 FAILED_STEPS=()
 
-# Bring the brokers the tests need up and export their addresses.
-# Nothing to do yet: every test so far runs against the in-memory broker.
-# A later issue starts Kafka, RabbitMQ, LocalStack and PostgreSQL here and
-# exports their endpoints; in CI a broker that does not come up is a failure.
+# Bring the brokers up and export the addresses the tests read.
+#
+# With a Docker engine that answers: `docker compose up --wait` (the
+# docker-compose.yml brokers, same ports and credentials). Otherwise natively:
+# `scripts/brokers.sh up` installs what is missing and starts RabbitMQ, a
+# Kafka-protocol broker, an SQS/SNS emulator and PostgreSQL on loopback.
+# Either way the tests then require every broker (POSTBOX_REQUIRE_BROKERS=1):
+# one that is unreachable fails its tests, it is never skipped. A broker that
+# does not come up fails this script before any test runs.
+# POSTBOX_SKIP_BROKERS=1 runs without bringing brokers up (broker tests then
+# fail, unless brokers are already running).
 brokers_up() {
-    echo "==> brokers: none needed yet (tests use the in-memory broker only)" | tee -a "$LOG"
+    if [ "${POSTBOX_SKIP_BROKERS:-0}" = "1" ]; then
+        echo "==> brokers: not started (POSTBOX_SKIP_BROKERS=1)" | tee -a "$LOG"
+    elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+        echo "==> brokers: docker compose up --wait" | tee -a "$LOG"
+        if ! docker compose up --detach --wait 2>&1 | tee -a "$LOG"; then
+            echo "FAILED: brokers (docker compose up)"
+            exit 1
+        fi
+    else
+        echo "==> brokers: scripts/brokers.sh up (no Docker engine here)" | tee -a "$LOG"
+        if ! bash scripts/brokers.sh up 2>&1 | tee -a "$LOG"; then
+            echo "FAILED: brokers (scripts/brokers.sh up); see the log tail above"
+            exit 1
+        fi
+    fi
+    eval "$(bash scripts/brokers.sh env)"
+    export POSTBOX_REQUIRE_BROKERS=1
+    echo "==> brokers: exported $(bash scripts/brokers.sh env | sed -n 's/^export \([A-Z_]*\)=.*/\1/p' | tr '\n' ' ')" | tee -a "$LOG"
 }
 
 # run_step NAME COMMAND...: runs COMMAND, showing and logging its output; a
