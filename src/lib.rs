@@ -42,3 +42,27 @@ pub use postbox_core::*;
 pub mod memory {
     pub use postbox_memory::*;
 }
+
+/// The Apache Kafka adapter (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub mod kafka {
+    pub use postbox_kafka::*;
+}
+
+/// The RabbitMQ adapter (feature `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq {
+    pub use postbox_rabbitmq::*;
+}
+
+/// The AWS SQS/SNS adapter (feature `sqs`).
+#[cfg(feature = "sqs")]
+pub mod sqs {
+    pub use postbox_sqs::*;
+}
+
+/// PostgreSQL idempotency store and transactional outbox (feature `postgres`).
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use postbox_postgres::*;
+}

@@ -1,0 +1,1 @@
+//! postbox adapter for Apache Kafka (in progress).

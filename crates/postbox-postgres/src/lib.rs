@@ -1,0 +1,1 @@
+//! postbox on PostgreSQL: idempotency store and outbox (in progress).

@@ -1,0 +1,1 @@
+//! postbox adapter for RabbitMQ (in progress).

@@ -1,0 +1,1 @@
+//! postbox adapter for AWS SQS and SNS (in progress).
