@@ -884,6 +884,15 @@ cmd_up() {
             wait_ready "$b" "$(now)" || failed+=("$b")
             continue
         fi
+        # A healthy broker started outside this checkout (another clone's
+        # `up`, a developer's own service) answers the same real protocol
+        # check: use it rather than fail; `down` leaves it alone.
+        local first_port
+        first_port=$(ports_of "$b" | cut -d' ' -f1)
+        if port_busy "$first_port" && "ready_$b"; then
+            say "$b: already answering on 127.0.0.1:$first_port ($(port_owner_desc "$first_port")- not started by this checkout); using it, 'down' will not stop it"
+            continue
+        fi
         check_ports "$b" || { failed+=("$b"); continue; }
         to_start+=("$b")
     done
