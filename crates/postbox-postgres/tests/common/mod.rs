@@ -1,0 +1,121 @@
+//! Shared helpers: a migrated schema of its own per test, and the
+//! skip-or-fail rule for an unreachable database.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use postbox_postgres::{Postgres, PostgresConfig};
+
+/// `DATABASE_URL`, default `postgres://postgres:postgres@127.0.0.1:5432/postbox`.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "postgres://postgres:postgres@127.0.0.1:5432/postbox".to_string())
+}
+
+/// Whether an unreachable database must fail the run.
+pub fn brokers_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("POSTBOX_REQUIRE_BROKERS").is_ok_and(|v| v == "1")
+}
+
+/// Fails the test (brokers required) or reports a skip by name.
+pub fn unreachable(test: &str, why: impl std::fmt::Display) {
+    if brokers_required() {
+        panic!("{test}: postgres is unreachable: {why} (start it with `scripts/brokers.sh up`)");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: SKIPPED (postgres unreachable: {why}; run `scripts/brokers.sh up`, or `scripts/test.sh`)"
+    );
+}
+
+/// A schema name no other test (or run) uses.
+pub fn unique_schema(test: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let short: String = test
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(16)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    format!(
+        "t_{short}_{:x}_{}",
+        (nanos as u64) ^ u64::from(std::process::id()),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A pool on a fresh, migrated schema; `None` (after reporting) when the
+/// database cannot be reached.
+pub async fn connect(test: &str, pool_size: usize) -> Option<Postgres> {
+    let config = PostgresConfig::from_url(&database_url())
+        .unwrap()
+        .schema(unique_schema(test))
+        .pool_size(pool_size)
+        .wait_timeout(Duration::from_secs(30));
+    let pg = match tokio::time::timeout(Duration::from_secs(15), Postgres::connect(config)).await {
+        Ok(Ok(pg)) => pg,
+        Ok(Err(e)) => {
+            unreachable(test, e);
+            return None;
+        }
+        Err(_) => {
+            unreachable(test, "connect timed out");
+            return None;
+        }
+    };
+    pg.migrate().await.expect("migrations apply");
+    Some(pg)
+}
+
+/// Drops the test's schema.
+pub async fn drop_schema(pg: &Postgres) {
+    let client = pg.client().await.unwrap();
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            pg.schema()
+        ))
+        .await
+        .unwrap();
+}
+
+/// Runs a statement on the test's schema (`{s}` is replaced by the quoted schema).
+pub async fn exec(pg: &Postgres, sql: &str) {
+    let client = pg.client().await.unwrap();
+    client
+        .batch_execute(&sql.replace("{s}", &format!("\"{}\"", pg.schema())))
+        .await
+        .unwrap();
+}
+
+/// One `bigint` from a query (`{s}` is replaced by the quoted schema).
+pub async fn count(pg: &Postgres, sql: &str) -> i64 {
+    let client = pg.client().await.unwrap();
+    client
+        .query_one(&sql.replace("{s}", &format!("\"{}\"", pg.schema())), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Polls `check` until it holds or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
