@@ -1,0 +1,325 @@
+//! Operations: queue and DLQ depth, DLQ count / peek / replay / purge
+//! ([`DeadLetterOps`]), and a health check.
+//!
+//! * depth: `ApproximateNumberOfMessages`, `…NotVisible`, `…Delayed`;
+//! * peek: receive (hidden for a while), then make visible again at once
+//!   (`ChangeMessageVisibility 0`), so nothing is consumed;
+//! * replay: receive, publish matching messages back to their origin queue
+//!   (ids kept, [`prepare_replay`]), then delete them from the DLQ; the rest
+//!   is made visible again;
+//! * purge: receive and delete until the queue is empty (an exact count;
+//!   [`SqsBroker::purge_queue`] is the native `PurgeQueue`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, Message, QueueAttributeName};
+use postbox_core::dlq::{prepare_replay, DeadLetterOps, ReplayFilter, ReplayReport};
+use postbox_core::{Envelope, Error, ErrorKind, Publisher};
+
+use crate::codec::{self, Received};
+use crate::config::{name_of, queue_name};
+use crate::error::from_sdk;
+use crate::publisher::{SqsBroker, MAX_BATCH};
+
+/// Approximate message counts of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueDepth {
+    /// `ApproximateNumberOfMessages`: ready to be received.
+    pub visible: u64,
+    /// `ApproximateNumberOfMessagesNotVisible`: received, not yet deleted.
+    pub in_flight: u64,
+    /// `ApproximateNumberOfMessagesDelayed`: waiting for their delay.
+    pub delayed: u64,
+}
+
+impl QueueDepth {
+    /// All messages the queue holds.
+    pub fn total(&self) -> u64 {
+        self.visible + self.in_flight + self.delayed
+    }
+}
+
+/// How long peek/replay keep received messages hidden before giving them back.
+const HOLD: i32 = 60;
+
+impl SqsBroker {
+    /// The depth of a queue (name or URL).
+    pub async fn depth(&self, queue: &str) -> Result<QueueDepth, Error> {
+        let url = self.queue_url(queue).await?;
+        let out = self
+            .inner
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(|e| from_sdk("GetQueueAttributes", e))?;
+        let attrs = out.attributes.unwrap_or_default();
+        let get = |n: QueueAttributeName| {
+            attrs
+                .get(&n)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(QueueDepth {
+            visible: get(QueueAttributeName::ApproximateNumberOfMessages),
+            in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+            delayed: get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+        })
+    }
+
+    /// The depth of a queue's dead-letter queue (`<queue>.dlq`).
+    pub async fn dlq_depth(&self, queue: &str) -> Result<QueueDepth, Error> {
+        self.depth(&postbox_core::dlq::default_destination(name_of(queue)))
+            .await
+    }
+
+    /// Checks that SQS answers (a `ListQueues` of one, within 5 s).
+    pub async fn health(&self) -> Result<(), Error> {
+        let call = self.inner.sqs.list_queues().max_results(1).send();
+        match tokio::time::timeout(Duration::from_secs(5), call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(from_sdk("ListQueues (health check)", e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                "SQS did not answer within 5 s",
+            )),
+        }
+    }
+
+    /// The native `PurgeQueue` (asynchronous on AWS, at most once a minute).
+    pub async fn purge_queue(&self, queue: &str) -> Result<(), Error> {
+        let url = self.queue_url(queue).await?;
+        self.inner
+            .sqs
+            .purge_queue()
+            .queue_url(&url)
+            .send()
+            .await
+            .map_err(|e| from_sdk("PurgeQueue", e))?;
+        Ok(())
+    }
+
+    async fn receive_batch(&self, url: &str, max: i32) -> Result<Vec<Message>, Error> {
+        let out = self
+            .inner
+            .sqs
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(max.clamp(1, 10))
+            .visibility_timeout(HOLD)
+            .wait_time_seconds(0)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .map_err(|e| from_sdk("ReceiveMessage", e))?;
+        Ok(out.messages.unwrap_or_default())
+    }
+
+    async fn delete_receipts(&self, url: &str, receipts: &[String]) -> Result<(), Error> {
+        for chunk in receipts.chunks(MAX_BATCH) {
+            let entries: Vec<_> = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .build()
+                        .ok()
+                })
+                .collect();
+            let out = self
+                .inner
+                .sqs
+                .delete_message_batch()
+                .queue_url(url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| from_sdk("DeleteMessageBatch", e))?;
+            if let Some(f) = out.failed.into_iter().next() {
+                return Err(crate::error::BatchEntryError {
+                    code: f.code,
+                    message: f.message,
+                    sender_fault: f.sender_fault,
+                }
+                .into_error("DeleteMessageBatch"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn show_again(&self, url: &str, receipts: &[String]) {
+        for r in receipts {
+            let _ = self
+                .inner
+                .sqs
+                .change_message_visibility()
+                .queue_url(url)
+                .receipt_handle(r)
+                .visibility_timeout(0)
+                .send()
+                .await;
+        }
+    }
+
+    fn decode_message(&self, queue: &str, m: &Message) -> Result<Envelope, Error> {
+        let foreign =
+            postbox_core::Text::Borrowed(postbox_core::codec::foreign::DEFAULT_FOREIGN_TYPE);
+        let id = m.message_id.clone().unwrap_or_default();
+        codec::decode(
+            m.body.as_deref().unwrap_or(""),
+            &Received {
+                message_id: &id,
+                queue,
+                foreign_type: &foreign,
+            },
+        )
+    }
+
+    /// Receives up to `limit` distinct messages, keeping them hidden.
+    async fn take(&self, url: &str, limit: usize) -> Result<Vec<Message>, Error> {
+        let mut seen: HashMap<String, ()> = HashMap::new();
+        let mut got = Vec::new();
+        while got.len() < limit {
+            let want = i32::try_from((limit - got.len()).min(10)).unwrap_or(10);
+            let batch = self.receive_batch(url, want).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for m in batch {
+                let id = m.message_id.clone().unwrap_or_default();
+                if seen.insert(id, ()).is_none() {
+                    got.push(m);
+                }
+            }
+        }
+        Ok(got)
+    }
+}
+
+fn receipts(msgs: &[Message]) -> Vec<String> {
+    msgs.iter()
+        .filter_map(|m| m.receipt_handle.clone())
+        .collect()
+}
+
+#[async_trait]
+impl DeadLetterOps for SqsBroker {
+    async fn count(&self, dlq: &str) -> Result<u64, Error> {
+        match self.depth(&queue_name(dlq)).await {
+            Ok(d) => Ok(d.total()),
+            Err(e) if e.kind() == &ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn peek(&self, dlq: &str, limit: usize) -> Result<Vec<Envelope>, Error> {
+        let name = queue_name(dlq);
+        let url = match self.queue_url(&name).await {
+            Ok(u) => u,
+            Err(e) if e.kind() == &ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let msgs = self.take(&url, limit).await?;
+        self.show_again(&url, &receipts(&msgs)).await;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| self.decode_message(name_of(&name), m).ok())
+            .collect())
+    }
+
+    async fn replay(
+        &self,
+        dlq: &str,
+        filter: ReplayFilter<'_>,
+        limit: usize,
+    ) -> Result<ReplayReport, Error> {
+        let name = queue_name(dlq);
+        let url = self.queue_url(&name).await?;
+        let mut report = ReplayReport::default();
+        let mut keep = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut failure = None;
+        'outer: while report.replayed < limit {
+            let batch = self.receive_batch(&url, 10).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for m in batch {
+                let receipt = m.receipt_handle.clone().unwrap_or_default();
+                if !seen.insert(m.message_id.clone().unwrap_or_default()) {
+                    keep.push(receipt);
+                    continue;
+                }
+                let env = match self.decode_message(name_of(&name), &m) {
+                    Ok(env) => env,
+                    Err(_) => {
+                        report.skipped += 1;
+                        keep.push(receipt);
+                        continue;
+                    }
+                };
+                if report.replayed >= limit || !filter(&env) {
+                    report.skipped += 1;
+                    keep.push(receipt);
+                    continue;
+                }
+                let Some((origin, replay)) = prepare_replay(env) else {
+                    report.skipped += 1;
+                    keep.push(receipt);
+                    continue;
+                };
+                match self.publish(&origin, replay).await {
+                    Ok(()) => {
+                        self.delete_receipts(&url, std::slice::from_ref(&receipt))
+                            .await?;
+                        report.replayed += 1;
+                    }
+                    Err(e) => {
+                        keep.push(receipt);
+                        failure = Some(e.error);
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        self.show_again(&url, &keep).await;
+        match failure {
+            Some(first) => Err(Error::new(
+                ErrorKind::Rejected,
+                format!(
+                    "replay stopped short: {} messages replayed; the rest stay in {dlq:?}",
+                    report.replayed
+                ),
+            )
+            .with_source(first)),
+            None => Ok(report),
+        }
+    }
+
+    async fn purge(&self, dlq: &str) -> Result<u64, Error> {
+        let name = queue_name(dlq);
+        let url = match self.queue_url(&name).await {
+            Ok(u) => u,
+            Err(e) if e.kind() == &ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut removed = 0u64;
+        loop {
+            let batch = self.receive_batch(&url, 10).await?;
+            if batch.is_empty() {
+                return Ok(removed);
+            }
+            let r = receipts(&batch);
+            self.delete_receipts(&url, &r).await?;
+            removed += r.len() as u64;
+        }
+    }
+}
