@@ -81,7 +81,7 @@ brokers_up
 # counts everything.
 run_step "unit and integration tests" cargo test --workspace --all-targets --features "$FEATURES" --no-fail-fast
 run_step "doc tests" cargo test --workspace --doc --features "$FEATURES" --no-fail-fast
-run_step "quickstart example" timeout "$QUICKSTART_TIMEOUT" cargo run --example quickstart
+run_step "quickstart example" timeout "$QUICKSTART_TIMEOUT" cargo run --features "$FEATURES" --example quickstart
 
 # Sum "test result: ok. 12 passed; 0 failed; ..." (or "FAILED.") lines.
 read -r passed failed < <(
