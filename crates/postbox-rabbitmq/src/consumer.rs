@@ -1,0 +1,549 @@
+//! Consuming: [`RabbitSource`] (a `basic.consume` with manual acks and a
+//! prefetch) and [`RabbitDelivery`].
+//!
+//! * Each source has its own connection and channel; `basic.qos` prefetch is
+//!   the bound on unacked deliveries (set it to the runtime's in-flight bound:
+//!   its concurrency, or `max_in_flight` in per-key mode).
+//! * Several sources on one queue are competing consumers; fan-out is one
+//!   queue per subscriber bound to an exchange.
+//! * `ack` = `basic.ack`, coalesced: concurrent acks go out as one
+//!   `basic.ack(multiple)` that never covers a delivery still in hand (an ack
+//!   completed out of order waits ≤ 2 ms for the lower ones, then goes alone);
+//!   `ack` returns once the frame covering it is sent.
+//!   `release` = `basic.nack(requeue)`; `retry` = a
+//!   confirmed copy into a delay tier, then `basic.ack` (see [`crate::retry`]).
+//! * Attempts: the envelope's `attempt` plus `x-delivery-count` on quorum
+//!   queues (on classic queues a redelivered message counts one more).
+//! * Recovery: when the connection or channel drops, `next` reports the error
+//!   once, then reconnects with backoff, re-declares the subscription's
+//!   topology and resumes consuming. Unacked deliveries of the lost channel
+//!   are redelivered by the broker; settling them fails with a `Settle` error.
+//! * A message with malformed CloudEvents headers never reaches the handler:
+//!   it is published to `<queue>.dlq` with `dlq.reason = decode`, then acked.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Acker, Channel, Connection};
+use postbox_core::dlq::DeadLetterMetadata;
+use postbox_core::{
+    Delivery, Envelope, Error, ErrorKind, FailureReason, Origin, Publisher, Retry, SettleError,
+    SettleResult, Source,
+};
+
+use crate::codec::{self, short, WireInfo};
+use crate::error::from_lapin;
+use crate::publisher::RabbitMq;
+use crate::retry::NOW_SLACK;
+use crate::topology::{QueueSpec, Topology};
+use crate::SYSTEM;
+
+/// Options of a subscription.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    pub(crate) prefetch: u16,
+    pub(crate) topology: Topology,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            prefetch: 32,
+            topology: Topology::default(),
+        }
+    }
+}
+
+impl SubscribeOptions {
+    /// Default options: prefetch 32, nothing declared.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `basic.qos` prefetch: the most unacked deliveries at once (at least 1).
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = n.max(1);
+        self
+    }
+
+    /// Topology declared before consuming, and again after every reconnect.
+    pub fn declare(mut self, topology: Topology) -> Self {
+        self.topology = topology;
+        self
+    }
+
+    /// Shortcut: declare the consumed queue (and its DLQ) with this spec.
+    pub fn declare_queue(mut self, spec: QueueSpec) -> Self {
+        self.topology = self.topology.queue(spec);
+        self
+    }
+}
+
+/// Keeps a consumer's connection and channel open while it or any of its
+/// deliveries lives; dropping the last handle closes the connection, so the
+/// broker redelivers whatever was left unacked.
+struct Link {
+    connection: Connection,
+    channel: Channel,
+    acks: Acks,
+}
+
+/// Group commit of acks on one channel. Every delivery handed out is "in hand"
+/// until settled. An ack whose tag is below every tag still in hand (and not
+/// above the last tag handed out, so nothing still buffered is covered) may be
+/// sent as one `basic.ack(multiple)` together with every other ack waiting;
+/// an ack that completes out of order waits up to [`ACK_LINGER`] to be covered
+/// by the lower ones, then is sent alone. `ack` returns only after the
+/// frame covering its tag was sent, so nothing is acked early or lost at exit.
+#[derive(Default)]
+struct Acks {
+    state: std::sync::Mutex<AckState>,
+    send: tokio::sync::Mutex<()>,
+    changed: tokio::sync::Notify,
+}
+
+/// How long an ack completed out of order waits for the lower tags to be
+/// acked too (so one `multiple` frame covers them all) before it is sent alone.
+const ACK_LINGER: Duration = Duration::from_millis(2);
+
+#[derive(Default)]
+struct AckState {
+    last_handed_out: u64,
+    in_hand: BTreeSet<u64>,
+    acked: BTreeSet<u64>,
+}
+
+impl Acks {
+    fn state(&self) -> std::sync::MutexGuard<'_, AckState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handed_out(&self, tag: u64) {
+        let mut st = self.state();
+        st.last_handed_out = st.last_handed_out.max(tag);
+        st.in_hand.insert(tag);
+    }
+
+    /// A delivery settled some other way (nack, reject, single ack already sent).
+    fn settled(&self, tag: u64) {
+        self.state().in_hand.remove(&tag);
+        self.changed.notify_waiters();
+    }
+
+    /// The highest tag a multiple ack may cover now.
+    fn safe(st: &AckState) -> u64 {
+        st.in_hand
+            .first()
+            .map(|t| t.saturating_sub(1))
+            .unwrap_or(u64::MAX)
+            .min(st.last_handed_out)
+    }
+
+    async fn ack(&self, channel: &Channel, tag: u64) -> Result<(), lapin::Error> {
+        {
+            let mut st = self.state();
+            st.in_hand.remove(&tag);
+            st.acked.insert(tag);
+        }
+        self.changed.notify_waiters();
+        let deadline = tokio::time::Instant::now() + ACK_LINGER;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let _sender = self.send.lock().await;
+                let plan = {
+                    let mut st = self.state();
+                    if !st.acked.contains(&tag) {
+                        return Ok(()); // covered by a frame another ack sent
+                    }
+                    let safe = Self::safe(&st);
+                    if tag <= safe {
+                        let upto = st.acked.range(..=safe).next_back().copied().unwrap_or(tag);
+                        let rest = st.acked.split_off(&(upto + 1));
+                        st.acked = rest;
+                        Some((upto, true))
+                    } else if tokio::time::Instant::now() >= deadline {
+                        // A lower tag is still being handled: ack this one alone.
+                        st.acked.remove(&tag);
+                        Some((tag, false))
+                    } else {
+                        None
+                    }
+                };
+                if let Some((upto, multiple)) = plan {
+                    let r = channel.basic_ack(upto, BasicAckOptions { multiple }).await;
+                    self.changed.notify_waiters();
+                    return r;
+                }
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if self.connection.status().connected() {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let channel = self.channel.clone();
+                handle.spawn(async move {
+                    let _ = channel.close(200, "closed".into()).await;
+                });
+            }
+        }
+    }
+}
+
+struct Live {
+    link: Arc<Link>,
+    consumer: lapin::Consumer,
+}
+
+/// A subscription to one queue.
+pub struct RabbitSource {
+    client: RabbitMq,
+    queue: Arc<str>,
+    options: SubscribeOptions,
+    live: Option<Live>,
+    backoff: Duration,
+    wait_before_reconnect: Option<Duration>,
+}
+
+impl std::fmt::Debug for RabbitSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitSource")
+            .field("queue", &self.queue)
+            .field("prefetch", &self.options.prefetch)
+            .field("connected", &self.live.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitMq {
+    /// Subscribes to `queue` (declaring the options' topology first). The
+    /// connection is opened now, so a missing queue fails here (`NotFound`).
+    pub async fn subscribe(
+        &self,
+        queue: &str,
+        options: SubscribeOptions,
+    ) -> Result<RabbitSource, Error> {
+        let mut source = RabbitSource {
+            client: self.clone(),
+            queue: Arc::from(queue),
+            backoff: self.inner.config.reconnect_min,
+            options,
+            live: None,
+            wait_before_reconnect: None,
+        };
+        source.live = Some(source.open().await?);
+        Ok(source)
+    }
+}
+
+impl RabbitSource {
+    async fn open(&self) -> Result<Live, Error> {
+        let connection = self.client.open_connection().await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| from_lapin("opening a consumer channel", e))?;
+        self.options.topology.declare(&channel).await?;
+        channel
+            .basic_qos(self.options.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| from_lapin("setting the prefetch", e))?;
+        let consumer = channel
+            .basic_consume(
+                short("queue name", &self.queue)?,
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| from_lapin(format!("consuming from {}", self.queue), e))?;
+        Ok(Live {
+            link: Arc::new(Link {
+                connection,
+                channel,
+                acks: Acks::default(),
+            }),
+            consumer,
+        })
+    }
+
+    fn lost(&mut self, error: Error) -> Error {
+        self.live = None;
+        self.wait_before_reconnect = Some(self.backoff);
+        tracing::warn!(queue = %self.queue, error = %error, "consumer lost its connection; reconnecting");
+        error
+    }
+
+    /// Turns a lapin delivery into a postbox delivery, or handles it here
+    /// (not yet due: re-delayed; undecodable: dead-lettered) and returns `None`.
+    fn accept(&self, link: &Arc<Link>, d: lapin::message::Delivery) -> Option<RabbitDelivery> {
+        let lapin::message::Delivery {
+            delivery_tag,
+            exchange,
+            routing_key,
+            redelivered,
+            properties,
+            data,
+            acker,
+            ..
+        } = d;
+        link.acks.handed_out(delivery_tag);
+        let body = Bytes::from(data);
+        let info = WireInfo {
+            exchange: exchange.as_str(),
+            routing_key: routing_key.as_str(),
+            queue: &self.queue,
+        };
+        let foreign_type = &self.client.inner.config.foreign_type;
+        match codec::decode(&properties, body.clone(), info, foreign_type) {
+            Ok(mut envelope) => {
+                if let Some(due) = codec::due_of(&properties) {
+                    if due > SystemTime::now() + NOW_SLACK {
+                        self.redelay(link, envelope, due, (delivery_tag, acker));
+                        return None;
+                    }
+                }
+                let attempt = codec::attempt(envelope.attempt, &properties, redelivered);
+                envelope.attempt = attempt;
+                Some(RabbitDelivery {
+                    envelope,
+                    attempt,
+                    queue: self.queue.clone(),
+                    tag: delivery_tag,
+                    acker,
+                    link: link.clone(),
+                    client: self.client.clone(),
+                })
+            }
+            Err(e) => {
+                let env = codec::foreign_envelope(&properties, body, info, foreign_type);
+                self.dead_letter_undecodable(link, env, e, (delivery_tag, acker));
+                None
+            }
+        }
+    }
+
+    fn redelay(
+        &self,
+        link: &Arc<Link>,
+        env: Envelope,
+        due: SystemTime,
+        (tag, acker): (u64, Acker),
+    ) {
+        let (client, queue, link) = (self.client.clone(), self.queue.clone(), link.clone());
+        tokio::spawn(async move {
+            match client.publish_delayed(&queue, &env, due).await {
+                Ok(()) => {
+                    let _ = acker.ack(BasicAckOptions::default()).await;
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %queue, error = %e, "re-delaying a retry copy failed; it will be redelivered");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await;
+                }
+            }
+            link.acks.settled(tag);
+        });
+    }
+
+    fn dead_letter_undecodable(
+        &self,
+        link: &Arc<Link>,
+        mut env: Envelope,
+        error: Error,
+        (tag, acker): (u64, Acker),
+    ) {
+        let (client, queue, link) = (self.client.clone(), self.queue.clone(), link.clone());
+        tokio::spawn(async move {
+            let now = SystemTime::now();
+            DeadLetterMetadata {
+                reason: FailureReason::Decode,
+                error: error.to_string(),
+                error_type: "postbox_core::Error".into(),
+                attempts: 1,
+                first_failed_at: now,
+                last_failed_at: now,
+                origin: Origin {
+                    destination: queue.to_string(),
+                    partition: None,
+                    offset: None,
+                },
+                consumer: "postbox-rabbitmq".into(),
+            }
+            .apply(&mut env);
+            let dlq = postbox_core::dlq::default_destination(&queue);
+            tracing::warn!(queue = %queue, id = %env.id, error = %error, "undecodable message; dead-lettering it");
+            match client.publish(&dlq, env).await {
+                Ok(()) => {
+                    let _ = acker.ack(BasicAckOptions::default()).await;
+                }
+                Err(e) => {
+                    tracing::error!(queue = %queue, error = %e.error, "dead-lettering an undecodable message failed; rejecting it to the queue's dead-letter exchange");
+                    let _ = acker
+                        .nack(BasicNackOptions {
+                            requeue: false,
+                            ..Default::default()
+                        })
+                        .await;
+                }
+            }
+            link.acks.settled(tag);
+        });
+    }
+}
+
+impl Source for RabbitSource {
+    type Delivery = RabbitDelivery;
+
+    async fn next(&mut self) -> Option<Result<RabbitDelivery, Error>> {
+        loop {
+            if self.live.is_none() {
+                if let Some(wait) = self.wait_before_reconnect {
+                    tokio::time::sleep(wait).await;
+                    self.wait_before_reconnect = None;
+                }
+                match self.open().await {
+                    Ok(live) => {
+                        tracing::info!(queue = %self.queue, "consumer connected");
+                        self.live = Some(live);
+                        self.backoff = self.client.inner.config.reconnect_min;
+                    }
+                    Err(e) => {
+                        let cfg = &self.client.inner.config;
+                        self.wait_before_reconnect = Some(self.backoff);
+                        self.backoff = (self.backoff * 2).min(cfg.reconnect_max);
+                        return Some(Err(e));
+                    }
+                }
+            }
+            let live = self.live.as_mut()?;
+            match live.consumer.next().await {
+                Some(Ok(d)) => {
+                    let link = live.link.clone();
+                    if let Some(delivery) = self.accept(&link, d) {
+                        return Some(Ok(delivery));
+                    }
+                }
+                Some(Err(e)) => {
+                    let error = from_lapin(format!("consuming from {}", self.queue), e);
+                    return Some(Err(self.lost(error)));
+                }
+                None => {
+                    let error = Error::new(
+                        ErrorKind::Closed,
+                        format!("the consumer of {} was cancelled", self.queue),
+                    );
+                    return Some(Err(self.lost(error)));
+                }
+            }
+        }
+    }
+
+    fn system(&self) -> &'static str {
+        SYSTEM
+    }
+
+    fn destination(&self) -> &str {
+        &self.queue
+    }
+}
+
+/// A message received from RabbitMQ, awaiting settlement.
+pub struct RabbitDelivery {
+    envelope: Envelope,
+    attempt: u32,
+    queue: Arc<str>,
+    tag: u64,
+    acker: Acker,
+    link: Arc<Link>,
+    client: RabbitMq,
+}
+
+impl std::fmt::Debug for RabbitDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitDelivery")
+            .field("id", &self.envelope.id)
+            .field("queue", &self.queue)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+fn settle_error(what: &str, e: lapin::Error) -> Error {
+    let inner = from_lapin(what, e);
+    Error::new(ErrorKind::Settle, inner.message().to_string()).with_source(inner)
+}
+
+impl RabbitDelivery {
+    /// The AMQP properties are not kept; this is the queue it came from.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+}
+
+impl Delivery for RabbitDelivery {
+    fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    fn origin(&self) -> Origin {
+        Origin {
+            destination: self.queue.to_string(),
+            partition: None,
+            offset: None,
+        }
+    }
+
+    async fn ack(self) -> SettleResult<Self> {
+        match self.link.acks.ack(&self.link.channel, self.tag).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(SettleError::new(settle_error("basic.ack", e), self)),
+        }
+    }
+
+    async fn retry(self, retry: Retry) -> SettleResult<Self> {
+        let copy = retry.next_envelope(&self.envelope);
+        let due = SystemTime::now() + retry.delay;
+        if let Err(e) = self.client.publish_delayed(&self.queue, &copy, due).await {
+            return Err(SettleError::new(e, self));
+        }
+        self.ack().await
+    }
+
+    async fn release(self) -> SettleResult<Self> {
+        let options = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        match self.acker.nack(options).await {
+            Ok(_) => {
+                self.link.acks.settled(self.tag);
+                Ok(())
+            }
+            Err(e) => Err(SettleError::new(settle_error("basic.nack", e), self)),
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The client handle and its [`Publisher`] implementation.
+//!
+//! One [`RabbitMq`] holds one publishing connection with one channel in
+//! confirm mode, shared by every clone. Each publish is `mandatory` and
+//! persistent (`delivery_mode = 2`) and returns only after the broker's
+//! confirm: an unroutable message comes back as `basic.return` and is an
+//! [`ErrorKind::Unroutable`] error, a `basic.nack` is [`ErrorKind::Rejected`].
+//! Confirms are pipelined: concurrent publishes share the channel, and
+//! [`Publisher::publish_batch`] sends the whole batch before waiting for the
+//! confirms, then reports each message.
+//!
+//! When the connection or channel is lost, publishes in flight fail with a
+//! `Connection`/`Closed` error (never success without a confirm) and the next
+//! publish reconnects.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use postbox_core::telemetry::PublisherMetrics;
+use postbox_core::{BatchReport, Envelope, Error, ErrorKind, Limit, PublishError, Publisher};
+
+use crate::codec::{self, short, Route};
+use crate::config::RabbitConfig;
+use crate::error::from_lapin;
+use crate::SYSTEM;
+
+/// How long a publish waits for its confirm before reporting a `Timeout`.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A RabbitMQ client: publisher, subscription factory, topology and DLQ operations.
+///
+/// Cheap to clone; clones share the publishing connection.
+#[derive(Clone)]
+pub struct RabbitMq {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: RabbitConfig,
+    link: Mutex<Option<Link>>,
+    reconnect: tokio::sync::Mutex<()>,
+    metrics: PublisherMetrics,
+}
+
+/// The live publishing connection and its confirm channel.
+#[derive(Clone)]
+pub(crate) struct Link {
+    pub(crate) connection: Arc<Connection>,
+    pub(crate) channel: Channel,
+    pub(crate) tiers_ready: Arc<AtomicBool>,
+}
+
+impl Link {
+    fn usable(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+}
+
+impl std::fmt::Debug for RabbitMq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitMq")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitMq {
+    /// Connects with `config` (the publishing connection is opened now, so a
+    /// wrong URL or credentials fail here).
+    pub async fn connect(config: RabbitConfig) -> Result<Self, Error> {
+        let client = Self::lazy(config)?;
+        client.link().await?;
+        Ok(client)
+    }
+
+    /// Connects to `AMQP_URL` (or the local default).
+    pub async fn from_env() -> Result<Self, Error> {
+        Self::connect(RabbitConfig::from_env()).await
+    }
+
+    /// A client that connects on first use.
+    pub fn lazy(config: RabbitConfig) -> Result<Self, Error> {
+        config.check()?;
+        Ok(RabbitMq {
+            inner: Arc::new(Inner {
+                config,
+                link: Mutex::new(None),
+                reconnect: tokio::sync::Mutex::new(()),
+                metrics: PublisherMetrics::new(SYSTEM),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RabbitConfig {
+        &self.inner.config
+    }
+
+    /// Opens a new connection with the client's configuration.
+    pub(crate) async fn open_connection(&self) -> Result<Connection, Error> {
+        let cfg = &self.inner.config;
+        match tokio::time::timeout(
+            cfg.connect_timeout,
+            Connection::connect(&cfg.url, cfg.properties.clone()),
+        )
+        .await
+        {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(from_lapin(
+                format!("connecting to {}", cfg.redacted_url()),
+                e,
+            )),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "connecting to {} took longer than {:?}",
+                    cfg.redacted_url(),
+                    cfg.connect_timeout
+                ),
+            )),
+        }
+    }
+
+    fn current(&self) -> Option<Link> {
+        let guard = self.inner.link.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().filter(|l| l.usable()).cloned()
+    }
+
+    /// The publishing link, (re)connecting if it is gone.
+    pub(crate) async fn link(&self) -> Result<Link, Error> {
+        if let Some(l) = self.current() {
+            return Ok(l);
+        }
+        let _one_at_a_time = self.inner.reconnect.lock().await;
+        if let Some(l) = self.current() {
+            return Ok(l);
+        }
+        let old = self
+            .inner
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let connection = match old {
+            Some(l) if l.connection.status().connected() => l.connection,
+            _ => {
+                tracing::debug!(url = %self.inner.config.redacted_url(), "opening the publishing connection");
+                Arc::new(self.open_connection().await?)
+            }
+        };
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| from_lapin("opening a publishing channel", e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| from_lapin("enabling publisher confirms", e))?;
+        let link = Link {
+            connection,
+            channel,
+            tiers_ready: Arc::new(AtomicBool::new(false)),
+        };
+        *self.inner.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(link.clone());
+        Ok(link)
+    }
+
+    /// A fresh channel on the publishing connection (for declarations and
+    /// operations whose errors must not close the confirm channel).
+    pub(crate) async fn side_channel(&self) -> Result<Channel, Error> {
+        let link = self.link().await?;
+        link.connection
+            .create_channel()
+            .await
+            .map_err(|e| from_lapin("opening a channel", e))
+    }
+
+    /// Sends one message; the returned confirm resolves when the broker answers.
+    pub(crate) async fn send(
+        &self,
+        link: &Link,
+        route: &Route,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm, Error> {
+        let exchange = short("exchange name", &route.exchange)?;
+        let key = short("routing key", &route.routing_key)?;
+        link.channel
+            .basic_publish(
+                exchange,
+                key,
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                payload,
+                properties,
+            )
+            .await
+            .map_err(|e| from_lapin(format!("publishing to {}", describe(route)), e))
+    }
+
+    /// Publishes raw properties + payload to a route and waits for the confirm.
+    pub(crate) async fn publish_raw(
+        &self,
+        route: &Route,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), Error> {
+        let link = self.link().await?;
+        let confirm = self.send(&link, route, payload, properties).await?;
+        confirmed(route, confirm).await
+    }
+
+    pub(crate) fn check_size(&self, env: &Envelope) -> Result<(), Error> {
+        let max = self.inner.config.max_message_size;
+        if env.payload.len() > max {
+            return Err(Error::limit(Limit::BodySize {
+                max,
+                actual: env.payload.len(),
+            }));
+        }
+        Ok(())
+    }
+
+    fn encode(&self, destination: &str, env: &Envelope) -> Result<(Route, BasicProperties), Error> {
+        self.check_size(env)?;
+        let route = codec::route(destination, env);
+        let props = codec::encode(env, self.inner.config.prefix)?;
+        Ok((route, props))
+    }
+}
+
+fn describe(route: &Route) -> String {
+    if route.exchange.is_empty() {
+        format!("queue {}", route.routing_key)
+    } else {
+        format!("exchange {} (key {:?})", route.exchange, route.routing_key)
+    }
+}
+
+/// Waits for a confirm and maps it: ack = ok, return = `Unroutable`, nack = `Rejected`.
+pub(crate) async fn confirmed(route: &Route, confirm: PublisherConfirm) -> Result<(), Error> {
+    let answer = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            return Err(from_lapin(
+                format!(
+                    "waiting for the confirm of a publish to {}",
+                    describe(route)
+                ),
+                e,
+            ))
+        }
+        Err(_) => {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "no confirm for a publish to {} within {CONFIRM_TIMEOUT:?}",
+                    describe(route)
+                ),
+            ))
+        }
+    };
+    match answer {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(Error::new(
+            ErrorKind::Unroutable,
+            format!(
+                "message to {} was returned by the broker: {} {}",
+                describe(route),
+                returned.reply_code,
+                returned.reply_text
+            ),
+        )),
+        Confirmation::Nack(None) => Err(Error::new(
+            ErrorKind::Rejected,
+            format!(
+                "the broker refused (nacked) a message to {}",
+                describe(route)
+            ),
+        )),
+        Confirmation::NotRequested => Err(Error::new(
+            ErrorKind::Other,
+            "publisher confirms are not enabled on the channel",
+        )),
+    }
+}
+
+#[async_trait]
+impl Publisher for RabbitMq {
+    async fn publish(&self, destination: &str, envelope: Envelope) -> Result<(), PublishError> {
+        let result = async {
+            let (route, props) = self.encode(destination, &envelope)?;
+            self.publish_raw(&route, &envelope.payload, props).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.inner.metrics.published.increment(1);
+                Ok(())
+            }
+            Err(e) => {
+                self.inner.metrics.failed.increment(1);
+                Err(PublishError::new(e, envelope))
+            }
+        }
+    }
+
+    async fn publish_batch(&self, destination: &str, envelopes: Vec<Envelope>) -> BatchReport {
+        // Send everything first (confirms pipelined), then collect the confirms.
+        let link = self.link().await;
+        let mut pending: Vec<(Envelope, Result<(Route, PublisherConfirm), Error>)> =
+            Vec::with_capacity(envelopes.len());
+        for env in envelopes {
+            let sent = async {
+                let link = link.as_ref().map_err(clone_error)?;
+                let (route, props) = self.encode(destination, &env)?;
+                let confirm = self.send(link, &route, &env.payload, props).await?;
+                Ok((route, confirm))
+            }
+            .await;
+            pending.push((env, sent));
+        }
+        let waits = pending.into_iter().map(|(env, sent)| async move {
+            let r = match sent {
+                Ok((route, confirm)) => confirmed(&route, confirm).await,
+                Err(e) => Err(e),
+            };
+            r.map_err(|e| PublishError::new(e, env))
+        });
+        let results = futures_util::future::join_all(waits).await;
+        let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
+        self.inner.metrics.published.increment(ok);
+        self.inner
+            .metrics
+            .failed
+            .increment(results.len() as u64 - ok);
+        BatchReport::new(results)
+    }
+}
+
+fn clone_error(e: &Error) -> Error {
+    Error::new(e.kind().clone(), e.message().to_string())
+}

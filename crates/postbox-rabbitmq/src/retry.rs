@@ -1,0 +1,104 @@
+//! Retry-after on RabbitMQ without plugins: delay tiers.
+//!
+//! A fixed set of tier queues `postbox.delay.<ms>ms` (default 20 ms … 1 h, a
+//! 1-2-5 series), each with ONE per-queue `x-message-ttl` — so messages in a
+//! tier expire in arrival order, with no head-of-line blocking — and
+//! `x-dead-letter-exchange = ""` with no routing-key override. A retry copy is
+//! published (mandatory, confirmed) to the headers exchange `postbox.delay`
+//! with header `postbox-delay-tier = <ms>ms` and **routing key = its origin
+//! queue**; when the tier's TTL expires the broker dead-letters it to the
+//! default exchange under that routing key, i.e. back onto the origin queue.
+//! One set of tiers serves every queue.
+//!
+//! A delay is served by a chain of tiers: the copy goes to the longest tier
+//! not longer than the delay and carries `postbox-due` (Unix ms). When it comes
+//! back early, the consumer re-delays the remainder (again the longest tier
+//! that fits) without calling the handler, until less than 5 ms remain; a
+//! delay shorter than the shortest tier (20 ms) waits one shortest tier. So a
+//! retry arrives no earlier than 5 ms before its due time and typically a few
+//! ms after (one broker hop per tier used; at most ~3 hops per decade).
+//! A delay below 5 ms is published straight back to the origin queue.
+//!
+//! The original delivery is acked only after the broker confirmed the copy;
+//! if that publish fails the delivery is handed back unsettled.
+//! Attempt and due metadata are written fresh on every copy (headers are
+//! replaced, never appended; the broker's `x-death` is not carried over).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use lapin::types::{AMQPValue, LongString};
+use postbox_core::{Envelope, Error};
+
+use crate::codec::{self, Route, DUE_HEADER, TIER_HEADER};
+use crate::publisher::{confirmed, RabbitMq};
+use crate::topology;
+
+/// Below this remaining delay a message is delivered now.
+pub const NOW_SLACK: Duration = Duration::from_millis(5);
+
+impl RabbitMq {
+    /// Declares the delay exchange and tier queues (idempotent).
+    pub async fn declare_delay_tiers(&self) -> Result<(), Error> {
+        let channel = self.side_channel().await?;
+        let cfg = &self.inner.config;
+        let r = topology::declare_delay_tiers(&channel, &cfg.delay_exchange, &cfg.tiers).await;
+        let _ = channel.close(200, "declared".into()).await;
+        r
+    }
+
+    /// Declares a [`Topology`](crate::Topology) (idempotent; opt-in).
+    pub async fn declare(&self, topology: &crate::Topology) -> Result<(), Error> {
+        let channel = self.side_channel().await?;
+        let r = topology.declare(&channel).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "declared".into()).await;
+        }
+        r
+    }
+
+    /// Publishes `env` so that it arrives on `origin_queue` at `due`, and waits
+    /// for the broker's confirm.
+    pub(crate) async fn publish_delayed(
+        &self,
+        origin_queue: &str,
+        env: &Envelope,
+        due: SystemTime,
+    ) -> Result<(), Error> {
+        let cfg = &self.inner.config;
+        self.check_size(env)?;
+        let remaining = due
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        let link = self.link().await?;
+        let tier = topology::tier_for(&cfg.tiers, remaining, NOW_SLACK);
+        let mut headers = codec::encode_headers(env, cfg.prefix)?;
+        let route = match tier {
+            None => Route {
+                exchange: String::new(),
+                routing_key: origin_queue.to_string(),
+            },
+            Some(tier) => {
+                if cfg.declare_delay_tiers && !link.tiers_ready.load(Ordering::Acquire) {
+                    self.declare_delay_tiers().await?;
+                    link.tiers_ready.store(true, Ordering::Release);
+                }
+                headers.insert(
+                    TIER_HEADER.into(),
+                    AMQPValue::LongString(LongString::from(topology::tier_key(tier))),
+                );
+                headers.insert(
+                    DUE_HEADER.into(),
+                    AMQPValue::LongLongInt(i64::try_from(codec::unix_ms(due)).unwrap_or(i64::MAX)),
+                );
+                Route {
+                    exchange: cfg.delay_exchange.clone(),
+                    routing_key: origin_queue.to_string(),
+                }
+            }
+        };
+        let props = codec::encode(env, cfg.prefix)?.with_headers(headers);
+        let confirm = self.send(&link, &route, &env.payload, props).await?;
+        confirmed(&route, confirm).await
+    }
+}
