@@ -14,7 +14,7 @@ cd "$ROOT"
 
 # The facade features whose examples and doc tests run here (each adapter adds
 # itself when it lands). `.ci/run` lints with the same set.
-FEATURES="postbox/memory,postbox/postgres,postbox/sqs,postbox/rabbitmq"
+FEATURES="postbox/memory,postbox/postgres,postbox/sqs,postbox/rabbitmq,postbox/kafka"
 if [ "${1:-}" = "--print-features" ]; then
     echo "$FEATURES"
     exit 0

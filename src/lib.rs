@@ -32,8 +32,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Adapters arrive as features: `memory` (default) today; `kafka`, `rabbitmq`,
-//! `sqs` and `postgres` as they land.
+//! Features: `memory` (default, the in-process broker), `kafka` (rdkafka),
+//! `rabbitmq` (lapin), `sqs` (AWS SQS + SNS) and `postgres` (idempotency store
+//! and transactional outbox). No broker client is built unless its feature is on.
 
 pub use postbox_core::*;
 

@@ -1,0 +1,915 @@
+//! Consuming: a consumer-group [`Source`] with commit-after-processing and
+//! its [`Delivery`].
+//!
+//! # Offsets
+//! `enable.auto.offset.store=false` always; `enable.auto.commit` stays on (the
+//! default) and commits only offsets postbox *stored*. A delivery's offset is
+//! marked done when it is acked (or its retry copy was acknowledged by the
+//! broker); per partition the source keeps the set of offsets handed out and
+//! not yet done, and stores the **contiguous completed watermark** — the first
+//! offset not done yet, or one past the last handed out. So with several
+//! workers acking out of order, the committed offset never passes a message
+//! that is still being processed. Acks only touch this in-memory set (no
+//! librdkafka call, no task or channel per message); the source stores the
+//! new watermarks the next time it is polled (it is woken for that). With
+//! `enable.auto.commit=false` the source commits the stored offsets itself
+//! (asynchronously, at most every 200 ms) and synchronously on revoke/close.
+//!
+//! # Rebalances
+//! A custom `ConsumerContext` handles the revoke *before* librdkafka lets the
+//! partitions go: it waits (up to `revoke_timeout`) for in-flight deliveries
+//! of the revoked partitions, stores and synchronously commits their
+//! watermarks, then forgets them. A delivery of a revoked partition that
+//! finishes later is not committed (the partition's next owner processes it
+//! again: at-least-once, nothing lost). Closing the source (dropping it)
+//! commits the same way. The wait blocks the thread that polls the source,
+//! so it needs the multi-thread tokio runtime (on a current-thread runtime
+//! the revoke commits at once without waiting).
+//!
+//! # Release
+//! [`Delivery::release`] (and dropping a delivery unsettled) re-queues the
+//! message **locally**: the next [`Source::next`] hands it out again with
+//! `attempt + 1`, and its offset keeps holding the watermark back until it is
+//! finally settled. Seeking back would re-read (and re-deliver) every later
+//! message of the partition that is already in flight; a local re-queue gives
+//! redelivery without duplicates, and if the consumer dies first the
+//! uncommitted offset is re-read by the next owner.
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use postbox_core::{
+    Delivery, Envelope, Error, ErrorKind, Origin, Retry, SettleError, SettleResult, Source, Text,
+};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+use crate::codec::{self, RecordRef, RetryInfo};
+use crate::config::KafkaConfig;
+use crate::error::from_kafka;
+use crate::publisher::{KafkaPublisher, SYSTEM};
+use crate::retry::RetryTiers;
+use crate::topology::{Topology, TopologySpec};
+
+/// Where a consumer group without committed offsets starts (`auto.offset.reset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StartPosition {
+    /// The oldest retained record (default).
+    #[default]
+    Earliest,
+    /// Only records written after the group first joined.
+    Latest,
+}
+
+type Key = (Arc<str>, i32);
+
+/// Offsets of one assigned partition.
+#[derive(Debug)]
+struct Part {
+    /// Changes on every (re)assignment; settles of an older one are ignored.
+    gen: u64,
+    /// Offsets handed out (or re-queued) and not done yet.
+    inflight: BTreeSet<i64>,
+    /// One past the highest offset handed out.
+    high: i64,
+    /// The last watermark stored.
+    stored: i64,
+    /// Deliveries currently held by handlers.
+    outstanding: usize,
+}
+
+impl Part {
+    fn watermark(&self) -> i64 {
+        self.inflight.first().copied().unwrap_or(self.high)
+    }
+}
+
+/// A message waiting to be handed out again (released) or until due (parked).
+#[derive(Debug)]
+struct Pending {
+    key: Key,
+    offset: i64,
+    envelope: Envelope,
+    origin: Origin,
+}
+
+#[derive(Debug)]
+struct Parked {
+    pending: Pending,
+    due: tokio::time::Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    parts: HashMap<Key, Part>,
+    requeued: VecDeque<(Pending, u64)>,
+    parked: HashMap<Key, Parked>,
+    next_gen: u64,
+    dirty: bool,
+    last_commit: Option<Instant>,
+}
+
+impl State {
+    fn part(&mut self, key: &Key) -> &mut Part {
+        if !self.parts.contains_key(key) {
+            self.next_gen += 1;
+            let part = Part {
+                gen: self.next_gen,
+                inflight: BTreeSet::new(),
+                high: -1,
+                stored: -1,
+                outstanding: 0,
+            };
+            self.parts.insert(key.clone(), part);
+        }
+        self.parts.get_mut(key).expect("inserted above")
+    }
+
+    /// Tracks an offset handed out; returns the generation.
+    fn hand_out(&mut self, key: &Key, offset: i64) -> u64 {
+        let part = self.part(key);
+        part.inflight.insert(offset);
+        part.high = part.high.max(offset + 1);
+        part.outstanding += 1;
+        part.gen
+    }
+
+    /// Watermarks that advanced since the last store.
+    fn advanced(&mut self) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), part) in &mut self.parts {
+            let w = part.watermark();
+            if part.high >= 0 && w > part.stored {
+                part.stored = w;
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(w));
+            }
+        }
+        tpl
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    settled: Condvar,
+    wake: tokio::sync::Notify,
+    publisher: KafkaPublisher,
+    topic: String,
+    group: String,
+    topics: Vec<Arc<str>>,
+    tiers: RetryTiers,
+    foreign_type: Text,
+    revoke_timeout: Duration,
+    explicit_commit: bool,
+    closing: AtomicBool,
+    /// Whether the group handed this member an assignment yet.
+    assigned: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn intern(&self, topic: &str) -> Arc<str> {
+        self.topics
+            .iter()
+            .find(|t| &***t == topic)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(topic))
+    }
+
+    /// Marks an offset done.
+    fn complete(&self, key: &Key, offset: i64, gen: u64) {
+        let mut st = self.lock();
+        let mut advanced = false;
+        if let Some(part) = st.parts.get_mut(key) {
+            if part.gen == gen {
+                part.outstanding = part.outstanding.saturating_sub(1);
+                advanced = part.inflight.first() == Some(&offset);
+                part.inflight.remove(&offset);
+            } else {
+                tracing::debug!(topic = %key.0, partition = key.1, offset, "settled after its partition was revoked; not committed");
+            }
+        }
+        if advanced {
+            st.dirty = true;
+        }
+        drop(st);
+        self.settled.notify_all();
+        if advanced {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Re-queues a delivery for local redelivery.
+    fn requeue(&self, pending: Pending, gen: u64) {
+        let mut st = self.lock();
+        let current = match st.parts.get_mut(&pending.key) {
+            Some(part) if part.gen == gen => {
+                part.outstanding = part.outstanding.saturating_sub(1);
+                true
+            }
+            _ => false,
+        };
+        if current {
+            st.requeued.push_back((pending, gen));
+        }
+        drop(st);
+        self.settled.notify_all();
+        if current {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The revoke half of a rebalance (and of closing): wait for in-flight work
+    /// of the revoked partitions (bounded), store and commit their watermarks,
+    /// forget them.
+    fn revoke(&self, consumer: &BaseConsumer<Ctx>, revoked: &TopicPartitionList) {
+        let keys: Vec<Key> = revoked
+            .elements()
+            .iter()
+            .map(|e| (self.intern(e.topic()), e.partition()))
+            .collect();
+        let closing = self.closing.load(Ordering::SeqCst);
+        // On a current-thread runtime no handler can finish while this thread
+        // waits: do not wait there.
+        let single_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        let bound = if closing || single_threaded {
+            Duration::ZERO
+        } else {
+            self.revoke_timeout
+        };
+        let deadline = Instant::now() + bound;
+        let mut st = self.lock();
+        loop {
+            let busy: usize = keys
+                .iter()
+                .filter_map(|k| st.parts.get(k))
+                .map(|p| p.outstanding)
+                .sum();
+            if busy == 0 {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                if !closing {
+                    tracing::warn!(group = %self.group, in_flight = busy, "revoke time-out: abandoning in-flight messages of revoked partitions (their next owner processes them again)");
+                }
+                break;
+            }
+            st = self
+                .settled
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let mut tpl = TopicPartitionList::new();
+        let mut paused = TopicPartitionList::new();
+        for key in &keys {
+            if st.parked.remove(key).is_some() {
+                paused.add_partition(&key.0, key.1);
+            }
+            if let Some(part) = st.parts.remove(key) {
+                if part.high >= 0 {
+                    let _ =
+                        tpl.add_partition_offset(&key.0, key.1, Offset::Offset(part.watermark()));
+                }
+            }
+        }
+        st.requeued.retain(|(p, _)| !keys.contains(&p.key));
+        drop(st);
+        self.settled.notify_all();
+        if paused.count() > 0 {
+            // A held retry copy is re-read by whoever owns the partition next;
+            // an application pause must not outlive the assignment.
+            let _ = consumer.resume(&paused);
+        }
+        if tpl.count() > 0 {
+            // Stored too, so librdkafka's own final commit cannot go backwards.
+            let _ = consumer.store_offsets(&tpl);
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                tracing::warn!(group = %self.group, error = %e, "committing revoked partitions failed; their next owner re-reads from the last commit");
+            }
+        }
+    }
+}
+
+/// The consumer context: runs the revoke protocol before partitions go.
+struct Ctx {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{log_message}"),
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            L::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => self.shared.revoke(consumer, tpl),
+            Rebalance::Assign(tpl) => {
+                self.shared.assigned.store(true, Ordering::SeqCst);
+                tracing::debug!(group = %self.shared.group, partitions = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(group = %self.shared.group, error = %e, "rebalance error")
+            }
+        }
+    }
+}
+
+/// Builds a [`KafkaSource`].
+#[derive(Debug)]
+pub struct KafkaSourceBuilder {
+    config: KafkaConfig,
+    topic: String,
+    group: String,
+    start: StartPosition,
+    foreign_type: Text,
+    publisher: Option<KafkaPublisher>,
+    retry_topics: bool,
+    provision: Option<TopologySpec>,
+}
+
+impl KafkaSourceBuilder {
+    /// Where a group without committed offsets starts (default earliest).
+    pub fn start_from(mut self, start: StartPosition) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// The `type` given to foreign records (default `postbox.foreign`).
+    pub fn foreign_type(mut self, event_type: impl Into<Text>) -> Self {
+        self.foreign_type = event_type.into();
+        self
+    }
+
+    /// The publisher used for retry copies (default: a new one from the config).
+    pub fn publisher(mut self, publisher: KafkaPublisher) -> Self {
+        self.publisher = Some(publisher);
+        self
+    }
+
+    /// Whether to consume the retry tier topics too (default true). Without
+    /// them, retry copies are written but nobody handles them.
+    pub fn consume_retry_topics(mut self, yes: bool) -> Self {
+        self.retry_topics = yes;
+        self
+    }
+
+    /// Creates the topic, its retry tiers and its DLQ before subscribing
+    /// (opt-in; existing topics are left as they are).
+    pub fn provision(mut self, spec: TopologySpec) -> Self {
+        self.provision = Some(spec);
+        self
+    }
+
+    /// Connects, provisions if asked, and subscribes to the topic and its
+    /// existing retry tier topics.
+    pub async fn build(self) -> Result<KafkaSource, Error> {
+        let tiers = self.config.tiers.clone();
+        if let Some(spec) = &self.provision {
+            Topology::new(&self.config)?
+                .ensure_consumer_topology(&self.topic, spec)
+                .await?;
+        }
+        let publisher = match self.publisher {
+            Some(p) => p,
+            None => KafkaPublisher::new(&self.config)?,
+        };
+        let reset = match self.start {
+            StartPosition::Earliest => "earliest",
+            StartPosition::Latest => "latest",
+        };
+        let mut native = self
+            .config
+            .with_defaults(&[("auto.offset.reset", reset), ("enable.auto.commit", "true")]);
+        native.set("group.id", &self.group);
+        // The contract: offsets are stored by postbox after processing only.
+        native.set("enable.auto.offset.store", "false");
+        let explicit_commit = native.get("enable.auto.commit") == Some("false");
+        let mut topics: Vec<Arc<str>> = vec![Arc::from(self.topic.as_str())];
+        if self.retry_topics {
+            topics.extend(tiers.topics(&self.topic).into_iter().map(Arc::from));
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            settled: Condvar::new(),
+            wake: tokio::sync::Notify::new(),
+            publisher,
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            topics: topics.clone(),
+            tiers,
+            foreign_type: self.foreign_type,
+            revoke_timeout: self.config.revoke_timeout,
+            explicit_commit,
+            closing: AtomicBool::new(false),
+            assigned: AtomicBool::new(false),
+        });
+        let consumer: StreamConsumer<Ctx> = native
+            .create_with_context(Ctx {
+                shared: shared.clone(),
+            })
+            .map_err(|e| from_kafka("the Kafka consumer could not be created", e))?;
+        // Subscribe to the retry tiers that exist (a missing topic in a
+        // subscription is an error event on every poll).
+        let mut subscribe: Vec<&str> = vec![&self.topic];
+        if topics.len() > 1 {
+            let md = consumer
+                .fetch_metadata(None, self.config.request_timeout)
+                .map_err(|e| from_kafka("fetching topic metadata failed", e))?;
+            let existing: Vec<&str> = md
+                .topics()
+                .iter()
+                .filter(|t| t.error().is_none())
+                .map(|t| t.name())
+                .collect();
+            for t in &topics[1..] {
+                if existing.contains(&&**t) {
+                    subscribe.push(t);
+                } else {
+                    tracing::warn!(topic = %t, "retry tier topic does not exist; retries delayed into it will not be consumed (provision the topology)");
+                }
+            }
+        }
+        consumer
+            .subscribe(&subscribe)
+            .map_err(|e| from_kafka("subscribing failed", e))?;
+        Ok(KafkaSource {
+            consumer: Some(consumer),
+            shared,
+        })
+    }
+}
+
+/// The deliveries of one topic (and its retry tiers) for one consumer group.
+///
+/// Sources with the same group split the partitions (competing consumers);
+/// every group gets every message (fan-out). See the module documentation
+/// for how offsets, rebalances, releases and retries work.
+pub struct KafkaSource {
+    consumer: Option<StreamConsumer<Ctx>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("topic", &self.shared.topic)
+            .field("group", &self.shared.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSource {
+    /// Starts building a source of `topic` for consumer group `group`.
+    pub fn builder(
+        config: &KafkaConfig,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+    ) -> KafkaSourceBuilder {
+        KafkaSourceBuilder {
+            config: config.clone(),
+            topic: topic.into(),
+            group: group.into(),
+            start: StartPosition::Earliest,
+            foreign_type: Cow::Borrowed(postbox_core::codec::foreign::DEFAULT_FOREIGN_TYPE),
+            publisher: None,
+            retry_topics: true,
+            provision: None,
+        }
+    }
+
+    fn consumer(&self) -> &StreamConsumer<Ctx> {
+        self.consumer.as_ref().expect("open until dropped")
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.shared.group
+    }
+
+    /// The native consumer (for metrics, positions, assignment).
+    pub fn native(&self) -> &StreamConsumer<impl ConsumerContext> {
+        self.consumer()
+    }
+
+    /// Commits the current watermarks now, synchronously (they are otherwise
+    /// committed by auto-commit, on revoke and on close).
+    pub fn commit_now(&self) -> Result<(), Error> {
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut st = self.shared.lock();
+            for ((topic, partition), part) in &mut st.parts {
+                if part.high >= 0 {
+                    part.stored = part.watermark();
+                    let _ =
+                        tpl.add_partition_offset(topic, *partition, Offset::Offset(part.stored));
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        let _ = self.consumer().store_offsets(&tpl);
+        self.consumer()
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| from_kafka("committing offsets failed", e))
+    }
+
+    /// Stores advanced watermarks (and commits them when auto-commit is off).
+    fn store_advanced(&self, st: &mut State) {
+        st.dirty = false;
+        let tpl = st.advanced();
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer().store_offsets(&tpl) {
+            tracing::debug!(error = %e, "storing offsets failed (partition no longer assigned?)");
+        }
+        if self.shared.explicit_commit {
+            let due = st
+                .last_commit
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(200));
+            if due {
+                st.last_commit = Some(Instant::now());
+                if let Err(e) = self.consumer().commit_consumer_state(CommitMode::Async) {
+                    tracing::debug!(error = %e, "async commit failed");
+                }
+            } else {
+                st.dirty = true;
+            }
+        }
+    }
+
+    /// A delivery that is ready without polling (re-queued, or parked and
+    /// due), or else when the next parked one is due.
+    fn take_ready(&self) -> Result<KafkaDelivery, Option<tokio::time::Instant>> {
+        let mut st = self.shared.lock();
+        if st.dirty {
+            self.store_advanced(&mut st);
+        }
+        while let Some((pending, gen)) = st.requeued.pop_front() {
+            let Some(part) = st.parts.get_mut(&pending.key) else {
+                continue;
+            };
+            if part.gen != gen {
+                continue;
+            }
+            part.outstanding += 1;
+            return Ok(self.delivery(pending, gen));
+        }
+        if st.parked.is_empty() {
+            return Err(None);
+        }
+        let now = tokio::time::Instant::now();
+        let Some(due_key) = st
+            .parked
+            .iter()
+            .find(|(_, p)| p.due <= now)
+            .map(|(k, _)| k.clone())
+        else {
+            return Err(st.parked.values().map(|p| p.due).min());
+        };
+        let parked = st.parked.remove(&due_key).expect("found above");
+        let gen = st.hand_out(&due_key, parked.pending.offset);
+        drop(st);
+        // Re-read from just after the held record, then fetch again.
+        let consumer = self.consumer();
+        let next = Offset::Offset(parked.pending.offset + 1);
+        if let Err(e) = consumer.seek(&due_key.0, due_key.1, next, Duration::from_secs(5)) {
+            tracing::warn!(topic = %due_key.0, partition = due_key.1, error = %e, "seek after a retry delay failed");
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&due_key.0, due_key.1);
+        if let Err(e) = consumer.resume(&tpl) {
+            tracing::warn!(topic = %due_key.0, partition = due_key.1, error = %e, "resuming a retry partition failed");
+        }
+        Ok(self.delivery(parked.pending, gen))
+    }
+
+    fn delivery(&self, pending: Pending, gen: u64) -> KafkaDelivery {
+        KafkaDelivery {
+            shared: self.shared.clone(),
+            key: pending.key,
+            offset: pending.offset,
+            gen,
+            envelope: Some(pending.envelope),
+            origin: pending.origin,
+        }
+    }
+
+    /// Takes a polled record: hands it out, parks it, or drops it (its
+    /// partition is parked and will be re-read).
+    fn accept(&self, msg: &BorrowedMessage<'_>) -> Option<KafkaDelivery> {
+        let shared = &self.shared;
+        let key: Key = (shared.intern(msg.topic()), msg.partition());
+        // Only retry-tier partitions are ever parked.
+        let is_retry = *key.0 != *shared.topic;
+        if is_retry && self.shared.lock().parked.contains_key(&key) {
+            return None;
+        }
+        let offset = msg.offset();
+        let record = RecordRef {
+            topic: msg.topic(),
+            partition: msg.partition(),
+            offset,
+            key: msg.key(),
+            payload: msg.payload(),
+        };
+        let headers = msg.headers();
+        let decoded = codec::decode(
+            record,
+            headers
+                .into_iter()
+                .flat_map(|h| h.iter())
+                .map(|h| (h.key, h.value)),
+            &shared.foreign_type,
+        );
+        let origin = match (&decoded.retry.origin, is_retry) {
+            (Some((_, p, o)), true) => Origin {
+                destination: shared.topic.clone(),
+                partition: Some(*p),
+                offset: Some(*o),
+            },
+            _ => Origin {
+                destination: shared.topic.clone(),
+                partition: Some(key.1),
+                offset: Some(offset),
+            },
+        };
+        let pending = Pending {
+            key: key.clone(),
+            offset,
+            envelope: decoded.envelope,
+            origin,
+        };
+        if is_retry {
+            if let Some(due) = decoded.retry.due {
+                if let Ok(wait) = due.duration_since(SystemTime::now()) {
+                    if wait > Duration::from_millis(2) {
+                        // Not due: hold it and pause its partition (no sleeping
+                        // in the poll loop; other partitions keep flowing).
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition(&key.0, key.1);
+                        if let Err(e) = self.consumer().pause(&tpl) {
+                            tracing::warn!(topic = %key.0, partition = key.1, error = %e, "pausing a retry partition failed");
+                        }
+                        let due = tokio::time::Instant::now() + wait;
+                        self.shared
+                            .lock()
+                            .parked
+                            .insert(key, Parked { pending, due });
+                        return None;
+                    }
+                }
+            }
+        }
+        let gen = self.shared.lock().hand_out(&key, offset);
+        Some(self.delivery(pending, gen))
+    }
+}
+
+impl Source for KafkaSource {
+    type Delivery = KafkaDelivery;
+
+    async fn next(&mut self) -> Option<Result<KafkaDelivery, Error>> {
+        loop {
+            let due = match self.take_ready() {
+                Ok(d) => return Some(Ok(d)),
+                Err(due) => due,
+            };
+            let timer = async move {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let this = &*self;
+            let accepted = tokio::select! {
+                biased;
+                _ = this.shared.wake.notified() => None,
+                _ = timer => None,
+                m = this.consumer().recv() => match m {
+                    Ok(msg) => this.accept(&msg).map(Ok),
+                    Err(e) => consume_error(e),
+                },
+            };
+            if let Some(r) = accepted {
+                return Some(r);
+            }
+        }
+    }
+
+    fn system(&self) -> &'static str {
+        SYSTEM
+    }
+
+    fn destination(&self) -> &str {
+        &self.shared.topic
+    }
+}
+
+/// librdkafka reports most consumer errors as events and recovers by itself
+/// (broker down, missing topic, rebalance in progress): they are logged.
+/// Only fatal errors end up with the runtime.
+fn consume_error(e: KafkaError) -> Option<Result<KafkaDelivery, Error>> {
+    let fatal = matches!(
+        e.rdkafka_error_code(),
+        Some(rdkafka::types::RDKafkaErrorCode::Fatal)
+    );
+    if fatal {
+        Some(Err(from_kafka("the Kafka consumer failed", e)))
+    } else {
+        tracing::warn!(error = %e, "Kafka consumer error (librdkafka recovers by itself)");
+        None
+    }
+}
+
+/// How long a source closed before its first assignment keeps taking part
+/// in the group (in the background) so that it leaves cleanly.
+const JOIN_BEFORE_LEAVE: Duration = Duration::from_secs(30);
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        // Closing: the revoke commits the watermarks without waiting (the
+        // runtime has finished or abandoned its handlers by now).
+        self.shared.closing.store(true, Ordering::SeqCst);
+        let Some(consumer) = self.consumer.take() else {
+            return;
+        };
+        if self.shared.assigned.load(Ordering::SeqCst) {
+            // Closes here: revoke → commit → leave group.
+            drop(consumer);
+            return;
+        }
+        // Closed in the middle of its first group join. Leaving a group
+        // half-joined wedges some brokers' coordinators (tansu keeps the
+        // departed member as the leader of a generation that never syncs),
+        // and it has nothing to commit yet: finish the join in the
+        // background (records are not handed out), then leave.
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("postbox-kafka-close".into())
+            .spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    rt.block_on(async {
+                        let joined = async {
+                            while !shared.assigned.load(Ordering::SeqCst) {
+                                if let Ok(m) = consumer.recv().await {
+                                    // Not tracked: never committed, re-read later.
+                                    drop(m);
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout(JOIN_BEFORE_LEAVE, joined).await;
+                    });
+                }
+                drop(consumer);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not close the consumer in the background");
+        }
+    }
+}
+
+/// One record handed to a handler.
+///
+/// Dropping it unsettled re-queues it locally (like [`Delivery::release`]).
+pub struct KafkaDelivery {
+    shared: Arc<Shared>,
+    key: Key,
+    offset: i64,
+    gen: u64,
+    envelope: Option<Envelope>,
+    origin: Origin,
+}
+
+impl std::fmt::Debug for KafkaDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaDelivery")
+            .field("topic", &self.key.0)
+            .field("partition", &self.key.1)
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaDelivery {
+    /// The topic the record was read from (the origin topic or a retry tier).
+    pub fn topic(&self) -> &str {
+        &self.key.0
+    }
+
+    /// The partition the record was read from.
+    pub fn partition(&self) -> i32 {
+        self.key.1
+    }
+
+    /// The offset of the record.
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+
+    fn env(&self) -> &Envelope {
+        self.envelope.as_ref().expect("held until settled")
+    }
+
+    fn requeue(&mut self) {
+        if let Some(mut envelope) = self.envelope.take() {
+            envelope.attempt = envelope.attempt.saturating_add(1);
+            let pending = Pending {
+                key: self.key.clone(),
+                offset: self.offset,
+                envelope,
+                origin: self.origin.clone(),
+            };
+            self.shared.requeue(pending, self.gen);
+        }
+    }
+}
+
+impl Delivery for KafkaDelivery {
+    fn envelope(&self) -> &Envelope {
+        self.env()
+    }
+
+    fn attempt(&self) -> u32 {
+        self.env().attempt
+    }
+
+    fn origin(&self) -> Origin {
+        self.origin.clone()
+    }
+
+    async fn ack(mut self) -> SettleResult<Self> {
+        self.envelope = None;
+        self.shared.complete(&self.key, self.offset, self.gen);
+        Ok(())
+    }
+
+    async fn retry(mut self, retry: Retry) -> SettleResult<Self> {
+        let copy = retry.next_envelope(self.env());
+        let info = RetryInfo {
+            due: Some(SystemTime::now() + retry.delay),
+            origin: Some((
+                self.origin.destination.clone(),
+                self.origin.partition.unwrap_or(self.key.1),
+                self.origin.offset.unwrap_or(self.offset),
+            )),
+        };
+        let topic = self.shared.tiers.topic_for(&self.shared.topic, retry.delay);
+        match self.shared.publisher.send(&topic, copy, Some(&info)).await {
+            Ok(_) => {
+                // The copy is durable: only now is the original done.
+                self.envelope = None;
+                self.shared.complete(&self.key, self.offset, self.gen);
+                Ok(())
+            }
+            Err(e) => {
+                let error = Error::new(
+                    ErrorKind::Settle,
+                    format!("publishing the retry copy to {topic} failed"),
+                )
+                .with_source(e.error);
+                Err(SettleError::new(error, self))
+            }
+        }
+    }
+
+    async fn release(mut self) -> SettleResult<Self> {
+        self.requeue();
+        Ok(())
+    }
+}
+
+impl Drop for KafkaDelivery {
+    fn drop(&mut self) {
+        self.requeue();
+    }
+}
