@@ -10,7 +10,9 @@
 
 #[cfg(not(feature = "sqs"))]
 fn main() {
-    eprintln!("this example needs the `sqs` feature: cargo run --example sns_sqs_fanout --features sqs");
+    eprintln!(
+        "this example needs the `sqs` feature: cargo run --example sns_sqs_fanout --features sqs"
+    );
 }
 
 #[cfg(feature = "sqs")]
@@ -66,10 +68,16 @@ mod example {
                 return Err(HandlerError::permanent("order 3 has no customer"));
             }
             if body.contains("\"order\":2") && env.attempt == 1 {
-                println!("  billing: {} {body}: card declined, retry (attempt 1)", env.event_type);
+                println!(
+                    "  billing: {} {body}: card declined, retry (attempt 1)",
+                    env.event_type
+                );
                 return Err(HandlerError::transient("card declined"));
             }
-            println!("  billing: {} {body} (attempt {})", env.event_type, env.attempt);
+            println!(
+                "  billing: {} {body} (attempt {})",
+                env.event_type, env.attempt
+            );
             Ok(())
         });
         let shipping_handler = handler_fn(|env: Envelope| async move {
@@ -112,7 +120,11 @@ mod example {
             })
             .collect::<Result<_, _>>()?;
         let report = broker.publish_batch(&format!("sns:{topic}"), events).await;
-        println!("published {} of {} events", report.succeeded(), report.len());
+        println!(
+            "published {} of {} events",
+            report.succeeded(),
+            report.len()
+        );
 
         // Wait for the poison messages in billing's DLQ (`billing-<run>.dlq`).
         let dlq = postbox::dlq::default_destination(&billing);
