@@ -22,6 +22,14 @@ pub(crate) fn cores() -> usize {
 
 /// Prints the environment block.
 pub(crate) fn print(worker_threads: usize) {
+    print_base(worker_threads);
+    println!(
+        "  broker       postbox-memory MemoryBroker, in-process (started by this binary, no external process), no limits"
+    );
+}
+
+/// Prints the environment block without the broker line.
+pub(crate) fn print_base(worker_threads: usize) {
     let flags = env!("BENCH_RUSTFLAGS");
     println!("environment");
     println!(
@@ -45,9 +53,6 @@ pub(crate) fn print(worker_threads: usize) {
     );
     println!(
         "  runtime      tokio multi-thread, {worker_threads} worker threads, one runtime for every round"
-    );
-    println!(
-        "  broker       postbox-memory MemoryBroker, in-process (started by this binary, no external process), no limits"
     );
 }
 

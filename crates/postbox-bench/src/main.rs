@@ -23,12 +23,14 @@
 //! ```text
 //! cargo run --release -p postbox-bench                     # everything, < 60 s
 //! cargo run --release -p postbox-bench -- --help           # options
+//! cargo run --release -p postbox-bench -- kafka --help     # raw rdkafka vs postbox-kafka
 //! valgrind --tool=callgrind target/release/postbox-bench --count 2000
 //! ```
 
 mod alloc;
 mod cost;
 mod env;
+mod kafka;
 mod postbox;
 mod raw;
 mod stats;
@@ -199,6 +201,10 @@ impl Bench {
 const WARM_UP_MESSAGES: u64 = 300_000;
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("kafka") {
+        kafka::main(std::env::args().skip(2));
+        return;
+    }
     let options = match parse() {
         Ok(o) => o,
         Err(e) => {
