@@ -133,37 +133,7 @@ macro_rules! suite {
 
 macro_rules! all_tests {
     ($kind:expr) => {
-        suite!($kind;
-            publish_before_subscribe_receives_all,
-            concurrent_publishers_lose_nothing,
-            many_topics_stay_isolated,
-            release_leads_to_redelivery,
-            ordered_next_waits_for_ack,
-            consumer_closed_mid_stream_loses_nothing,
-            concurrent_subscribe_and_close_leave_things_working,
-            repeated_nacks_neither_lose_nor_wedge,
-            per_key_order_is_kept,
-            concurrent_publish_then_close_loses_nothing,
-            topic_routing_is_isolated,
-            cancelled_subscription_stops_and_a_new_one_gets_the_rest,
-            each_consumer_group_gets_every_message,
-            competing_consumers_split_the_work,
-            retry_after_delay_is_honoured,
-            attempt_counter_increments,
-            dead_letter_after_max_attempts_with_metadata,
-            permanent_error_dead_letters_immediately,
-            decode_failure_dead_letters_without_calling_the_handler,
-            panic_is_retried_and_the_consumer_survives,
-            duplicates_are_suppressed_by_the_idempotency_layer,
-            duplicates_in_flight_at_once_have_one_effect,
-            graceful_shutdown_finishes_in_flight_handlers,
-            headers_do_not_grow_across_retries,
-            binary_payloads_round_trip,
-            limits_are_typed_errors,
-            publish_batch_reports_each_message,
-            dead_letter_operations,
-            in_flight_is_bounded_by_concurrency,
-        );
+        postbox_testkit::for_each_conformance_test!(suite!($kind));
     };
 }
 

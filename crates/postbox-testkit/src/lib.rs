@@ -46,12 +46,25 @@ where
     }
 }
 
-/// Generates one `#[tokio::test]` per conformance test, each with a fresh
-/// harness from the given `async` expression.
+/// Calls `callback!(args; test_a, test_b, …)` with the name of every
+/// conformance test, so an adapter that generates its own test functions
+/// (another runtime, per-test set-up) never keeps a copy of the list that a
+/// new suite test would silently miss.
+///
+/// ```ignore
+/// macro_rules! suite { ($kind:expr; $($name:ident),*) => { /* one test per $name */ } }
+/// postbox_testkit::for_each_conformance_test!(suite!(QueueKind::Quorum));
+/// ```
 #[macro_export]
-macro_rules! conformance_tests {
-    ($make:expr) => {
-        $crate::conformance_tests!(@each $make;
+macro_rules! for_each_conformance_test {
+    (@conformance $make:expr) => {
+        $crate::for_each_conformance_test!(@call [$crate::conformance_tests] (@each $make));
+    };
+    ($callback:ident ! ( $($args:tt)* )) => {
+        $crate::for_each_conformance_test!(@call [$callback] ($($args)*));
+    };
+    (@call [$($callback:tt)*] ($($args:tt)*)) => {
+        $($callback)*!($($args)*;
             publish_before_subscribe_receives_all,
             concurrent_publishers_lose_nothing,
             many_topics_stay_isolated,
@@ -82,6 +95,15 @@ macro_rules! conformance_tests {
             dead_letter_operations,
             in_flight_is_bounded_by_concurrency,
         );
+    };
+}
+
+/// Generates one `#[tokio::test]` per conformance test, each with a fresh
+/// harness from the given `async` expression.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::for_each_conformance_test!(@conformance $make);
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(
