@@ -101,44 +101,50 @@ pub fn consumer_config(config: &KafkaConfig) -> KafkaConfig {
 }
 
 enum MockCmd {
-    CreateTopic(String, i32, mpsc::Sender<Result<(), String>>),
+    CreateTopic(String, i32),
     BrokerDown(i32),
     BrokerUp(i32),
     RequestErrors(RDKafkaApiKey, Vec<RDKafkaRespErr>),
     Clear(RDKafkaApiKey),
 }
 
+type Reply = mpsc::Sender<Result<(), String>>;
+
 /// librdkafka's mock cluster, owned by a thread of its own (it is not `Send`).
+///
+/// Every command waits until the mock thread has applied it, so a test that
+/// injects a fault and then acts sees the fault (fire-and-forget commands
+/// raced the client's next request).
 pub struct MockKafka {
     pub bootstrap: String,
-    tx: std::sync::Mutex<mpsc::Sender<MockCmd>>,
+    tx: std::sync::Mutex<mpsc::Sender<(MockCmd, Reply)>>,
 }
 
 impl MockKafka {
     /// Starts a mock cluster of `brokers` brokers.
     pub fn start(brokers: i32) -> MockKafka {
-        let (tx, rx) = mpsc::channel::<MockCmd>();
+        let (tx, rx) = mpsc::channel::<(MockCmd, Reply)>();
         let (btx, brx) = mpsc::channel();
         std::thread::spawn(move || {
             let mock = MockCluster::new(brokers).expect("mock cluster");
             btx.send(mock.bootstrap_servers()).unwrap();
-            while let Ok(cmd) = rx.recv() {
-                match cmd {
-                    MockCmd::CreateTopic(name, partitions, reply) => {
-                        let _ = reply.send(
-                            mock.create_topic(&name, partitions, 1)
-                                .map_err(|e| e.to_string()),
-                        );
+            while let Ok((cmd, reply)) = rx.recv() {
+                let done = match cmd {
+                    MockCmd::CreateTopic(name, partitions) => mock
+                        .create_topic(&name, partitions, 1)
+                        .map_err(|e| e.to_string()),
+                    MockCmd::BrokerDown(id) => mock.broker_down(id).map_err(|e| e.to_string()),
+                    MockCmd::BrokerUp(id) => mock.broker_up(id).map_err(|e| e.to_string()),
+                    MockCmd::RequestErrors(api, errs) => {
+                        mock.request_errors(api, &errs);
+                        Ok(())
                     }
-                    MockCmd::BrokerDown(id) => {
-                        let _ = mock.broker_down(id);
+                    MockCmd::Clear(api) => {
+                        mock.clear_request_errors(api);
+                        Ok(())
                     }
-                    MockCmd::BrokerUp(id) => {
-                        let _ = mock.broker_up(id);
-                    }
-                    MockCmd::RequestErrors(api, errs) => mock.request_errors(api, &errs),
-                    MockCmd::Clear(api) => mock.clear_request_errors(api),
-                }
+                };
+                let _ = reply.send(done);
             }
         });
         let bootstrap = brx.recv().expect("mock bootstrap");
@@ -148,35 +154,41 @@ impl MockKafka {
         }
     }
 
-    fn send(&self, cmd: MockCmd) {
-        let _ = self.tx.lock().unwrap().send(cmd);
+    /// Runs `cmd` on the mock thread and waits until it is applied.
+    fn run(&self, cmd: MockCmd) -> Result<(), String> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .lock()
+            .unwrap()
+            .send((cmd, tx))
+            .map_err(|_| "the mock cluster thread is gone".to_string())?;
+        rx.recv().map_err(|e| e.to_string())?
     }
 
     /// Creates a topic.
     pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), String> {
-        let (tx, rx) = mpsc::channel();
-        self.send(MockCmd::CreateTopic(name.to_string(), partitions, tx));
-        rx.recv().map_err(|e| e.to_string())?
+        self.run(MockCmd::CreateTopic(name.to_string(), partitions))
     }
 
     /// Takes a broker down.
     pub fn broker_down(&self, id: i32) {
-        self.send(MockCmd::BrokerDown(id));
+        self.run(MockCmd::BrokerDown(id)).expect("mock broker down");
     }
 
     /// Brings a broker back.
     pub fn broker_up(&self, id: i32) {
-        self.send(MockCmd::BrokerUp(id));
+        self.run(MockCmd::BrokerUp(id)).expect("mock broker up");
     }
 
     /// Makes the next requests of `api` fail with `errs`.
     pub fn request_errors(&self, api: RDKafkaApiKey, errs: Vec<RDKafkaRespErr>) {
-        self.send(MockCmd::RequestErrors(api, errs));
+        self.run(MockCmd::RequestErrors(api, errs))
+            .expect("mock request errors");
     }
 
     /// Clears injected request errors.
     pub fn clear(&self, api: RDKafkaApiKey) {
-        self.send(MockCmd::Clear(api));
+        self.run(MockCmd::Clear(api)).expect("mock clear");
     }
 }
 
