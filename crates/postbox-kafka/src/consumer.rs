@@ -11,7 +11,8 @@
 //! workers acking out of order, the committed offset never passes a message
 //! that is still being processed. Acks only touch this in-memory set (no
 //! librdkafka call, no task or channel per message); the source stores the
-//! new watermarks the next time it is polled (it is woken for that). With
+//! new watermarks when it is polled, at most every 5 ms while records flow
+//! (woken for that only if it is waiting for a record). With
 //! `enable.auto.commit=false` the source commits the stored offsets itself
 //! (asynchronously, at most every 200 ms) and synchronously on revoke/close.
 //!
@@ -114,6 +115,8 @@ struct State {
     parked: HashMap<Key, Parked>,
     next_gen: u64,
     dirty: bool,
+    /// When watermarks were last handed to librdkafka.
+    last_store: Option<tokio::time::Instant>,
     last_commit: Option<Instant>,
 }
 
@@ -171,6 +174,10 @@ struct Shared {
     closing: AtomicBool,
     /// Whether the group handed this member an assignment yet.
     assigned: AtomicBool,
+    /// Whether [`Source::next`] is waiting for a record: only then does a
+    /// settle need to wake it (to store a watermark or hand out a re-queued
+    /// delivery); otherwise its next call does that work anyway.
+    waiting: AtomicBool,
 }
 
 impl Shared {
@@ -205,6 +212,15 @@ impl Shared {
         drop(st);
         self.settled.notify_all();
         if advanced {
+            self.wake_if_waiting();
+        }
+    }
+
+    /// Wakes [`Source::next`] if it waits for a record. `next` raises the
+    /// flag *before* it looks at the state under the lock, so a settle that
+    /// sees it down changed the state before `next` looked.
+    fn wake_if_waiting(&self) {
+        if self.waiting.load(Ordering::SeqCst) {
             self.wake.notify_one();
         }
     }
@@ -225,7 +241,7 @@ impl Shared {
         drop(st);
         self.settled.notify_all();
         if current {
-            self.wake.notify_one();
+            self.wake_if_waiting();
         }
     }
 
@@ -427,6 +443,7 @@ impl KafkaSourceBuilder {
             explicit_commit,
             closing: AtomicBool::new(false),
             assigned: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
         });
         let consumer: StreamConsumer<Ctx> = native
             .create_with_context(Ctx {
@@ -565,12 +582,28 @@ impl KafkaSource {
     }
 
     /// A delivery that is ready without polling (re-queued, or parked and
-    /// due), or else when the next parked one is due.
+    /// due), or else when to look again: the next parked one is due, or
+    /// advanced watermarks are to be stored.
     fn take_ready(&self) -> Result<KafkaDelivery, Option<tokio::time::Instant>> {
         let mut st = self.shared.lock();
+        let mut store_at = None;
         if st.dirty {
-            self.store_advanced(&mut st);
+            // At most every STORE_EVERY while records flow (a store is a
+            // list allocation and a librdkafka call); auto-commit only picks
+            // stored offsets up every `auto.commit.interval.ms` anyway.
+            let now = tokio::time::Instant::now();
+            match st.last_store {
+                Some(at) if now < at + STORE_EVERY => store_at = Some(at + STORE_EVERY),
+                _ => {
+                    st.last_store = Some(now);
+                    self.store_advanced(&mut st);
+                }
+            }
         }
+        let later = |due: Option<tokio::time::Instant>| match (due, store_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         while let Some((pending, gen)) = st.requeued.pop_front() {
             let Some(part) = st.parts.get_mut(&pending.key) else {
                 continue;
@@ -582,7 +615,7 @@ impl KafkaSource {
             return Ok(self.delivery(pending, gen));
         }
         if st.parked.is_empty() {
-            return Err(None);
+            return Err(store_at);
         }
         let now = tokio::time::Instant::now();
         let Some(due_key) = st
@@ -591,7 +624,7 @@ impl KafkaSource {
             .find(|(_, p)| p.due <= now)
             .map(|(k, _)| k.clone())
         else {
-            return Err(st.parked.values().map(|p| p.due).min());
+            return Err(later(st.parked.values().map(|p| p.due).min()));
         };
         let parked = st.parked.remove(&due_key).expect("found above");
         let gen = st.hand_out(&due_key, parked.pending.offset);
@@ -697,8 +730,12 @@ impl Source for KafkaSource {
 
     async fn next(&mut self) -> Option<Result<KafkaDelivery, Error>> {
         loop {
+            self.shared.waiting.store(true, Ordering::SeqCst);
             let due = match self.take_ready() {
-                Ok(d) => return Some(Ok(d)),
+                Ok(d) => {
+                    self.shared.waiting.store(false, Ordering::SeqCst);
+                    return Some(Ok(d));
+                }
                 Err(due) => due,
             };
             let timer = async move {
@@ -708,16 +745,18 @@ impl Source for KafkaSource {
                 }
             };
             let this = &*self;
+            // A record that is there wins; a wake-up only matters when idle.
             let accepted = tokio::select! {
                 biased;
-                _ = this.shared.wake.notified() => None,
-                _ = timer => None,
                 m = this.consumer().recv() => match m {
                     Ok(msg) => this.accept(&msg).map(Ok),
                     Err(e) => consume_error(e),
                 },
+                _ = this.shared.wake.notified() => None,
+                _ = timer => None,
             };
             if let Some(r) = accepted {
+                self.shared.waiting.store(false, Ordering::SeqCst);
                 return Some(r);
             }
         }
@@ -747,6 +786,9 @@ fn consume_error(e: KafkaError) -> Option<Result<KafkaDelivery, Error>> {
         None
     }
 }
+
+/// While records flow, advanced watermarks are stored at most this often.
+const STORE_EVERY: Duration = Duration::from_millis(5);
 
 /// How long a source closed before its first assignment keeps taking part
 /// in the group (in the background) so that it leaves cleanly.
