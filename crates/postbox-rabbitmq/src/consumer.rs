@@ -6,10 +6,12 @@
 //!   its concurrency, or `max_in_flight` in per-key mode).
 //! * Several sources on one queue are competing consumers; fan-out is one
 //!   queue per subscriber bound to an exchange.
-//! * `ack` = `basic.ack`, coalesced: concurrent acks go out as one
-//!   `basic.ack(multiple)` that never covers a delivery still in hand (an ack
-//!   completed out of order waits ≤ 2 ms for the lower ones, then goes alone);
-//!   `ack` returns once the frame covering it is sent.
+//! * `ack` = `basic.ack`, grouped: acks are sent as one
+//!   `basic.ack(multiple)` per 64 acks or 2 ms, whichever comes first, that
+//!   never covers a delivery still in hand (an ack completed out of order is
+//!   sent alone by the next flush). Closing the source flushes first; a
+//!   process that dies in between gets its last messages redelivered
+//!   (at-least-once, never lost).
 //!   `release` = `basic.nack(requeue)`; `retry` = a
 //!   confirmed copy into a delay tier, then `basic.ack` (see [`crate::retry`]).
 //! * Attempts: the envelope's `attempt` plus `x-delivery-count` on quorum
@@ -94,31 +96,60 @@ struct Link {
 }
 
 /// Group commit of acks on one channel. Every delivery handed out is "in hand"
-/// until settled. An ack whose tag is below every tag still in hand (and not
-/// above the last tag handed out, so nothing still buffered is covered) may be
-/// sent as one `basic.ack(multiple)` together with every other ack waiting;
-/// an ack that completes out of order waits up to [`ACK_LINGER`] to be covered
-/// by the lower ones, then is sent alone. `ack` returns only after the
-/// frame covering its tag was sent, so nothing is acked early or lost at exit.
-#[derive(Default)]
+/// until settled. An ack is recorded and sent later, in a group: one
+/// `basic.ack(multiple)` up to the highest acked tag below every tag still in
+/// hand (and not above the last tag handed out, so nothing still buffered is
+/// covered). A group goes out when [`ACK_BATCH`] acks wait, or half the
+/// prefetch if that is less (sent by the ack that fills it) or [`ACK_LINGER`] after the first waiting ack (by a flush
+/// task, one per group, not per message); that flush also sends acks that
+/// completed out of order, singly. Closing the channel flushes first. A
+/// process that dies before a flush leaves its last acks unsent: the broker
+/// redelivers those messages (at-least-once; the idempotency layer absorbs
+/// the duplicate), nothing is lost.
 struct Acks {
     state: std::sync::Mutex<AckState>,
     send: tokio::sync::Mutex<()>,
-    changed: tokio::sync::Notify,
+    /// Waiting acks that are sent at once.
+    batch: usize,
 }
 
-/// How long an ack completed out of order waits for the lower tags to be
-/// acked too (so one `multiple` frame covers them all) before it is sent alone.
+/// How long an ack may wait to be sent together with later ones.
 const ACK_LINGER: Duration = Duration::from_millis(2);
+
+/// How many waiting acks make a group that is sent at once.
+const ACK_BATCH: usize = 64;
 
 #[derive(Default)]
 struct AckState {
     last_handed_out: u64,
     in_hand: BTreeSet<u64>,
     acked: BTreeSet<u64>,
+    flush_scheduled: bool,
+}
+
+/// What [`Acks::record`] asks of the acking delivery.
+struct AckPlan {
+    /// A full group waits: send it now.
+    flush_now: bool,
+    /// No flush is scheduled yet: schedule one.
+    schedule: bool,
 }
 
 impl Acks {
+    /// Acks of a channel with this prefetch (0 = unlimited): a group never
+    /// waits for more than half of it, so the broker keeps delivering.
+    fn new(prefetch: u16) -> Acks {
+        let batch = match usize::from(prefetch) {
+            0 => ACK_BATCH,
+            p => (p / 2).clamp(1, ACK_BATCH),
+        };
+        Acks {
+            state: Default::default(),
+            send: Default::default(),
+            batch,
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, AckState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -132,7 +163,6 @@ impl Acks {
     /// A delivery settled some other way (nack, reject, single ack already sent).
     fn settled(&self, tag: u64) {
         self.state().in_hand.remove(&tag);
-        self.changed.notify_waiters();
     }
 
     /// The highest tag a multiple ack may cover now.
@@ -144,50 +174,80 @@ impl Acks {
             .min(st.last_handed_out)
     }
 
-    async fn ack(&self, channel: &Channel, tag: u64) -> Result<(), lapin::Error> {
-        {
-            let mut st = self.state();
-            st.in_hand.remove(&tag);
-            st.acked.insert(tag);
+    /// Records the ack of `tag` (to be sent in a group).
+    fn record(&self, tag: u64) -> AckPlan {
+        let mut st = self.state();
+        st.in_hand.remove(&tag);
+        st.acked.insert(tag);
+        let flush_now = st.acked.len() >= self.batch;
+        let schedule = !st.flush_scheduled;
+        st.flush_scheduled = true;
+        AckPlan {
+            flush_now,
+            schedule,
         }
-        self.changed.notify_waiters();
-        let deadline = tokio::time::Instant::now() + ACK_LINGER;
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let _sender = self.send.lock().await;
-                let plan = {
-                    let mut st = self.state();
-                    if !st.acked.contains(&tag) {
-                        return Ok(()); // covered by a frame another ack sent
-                    }
-                    let safe = Self::safe(&st);
-                    if tag <= safe {
-                        let upto = st.acked.range(..=safe).next_back().copied().unwrap_or(tag);
-                        let rest = st.acked.split_off(&(upto + 1));
-                        st.acked = rest;
-                        Some((upto, true))
-                    } else if tokio::time::Instant::now() >= deadline {
-                        // A lower tag is still being handled: ack this one alone.
-                        st.acked.remove(&tag);
-                        Some((tag, false))
-                    } else {
-                        None
-                    }
-                };
-                if let Some((upto, multiple)) = plan {
-                    let r = channel.basic_ack(upto, BasicAckOptions { multiple }).await;
-                    self.changed.notify_waiters();
-                    return r;
+    }
+
+    /// Sends one `basic.ack(multiple)` for the waiting acks a group may
+    /// cover, and with `stragglers` every other waiting ack singly.
+    async fn flush(&self, channel: &Channel, stragglers: bool) -> Result<(), lapin::Error> {
+        let _sender = self.send.lock().await;
+        let (upto, singles) = {
+            let mut st = self.state();
+            let safe = Self::safe(&st);
+            let upto = st.acked.range(..=safe).next_back().copied();
+            if let Some(upto) = upto {
+                st.acked = st.acked.split_off(&(upto + 1));
+            }
+            let singles = if stragglers {
+                std::mem::take(&mut st.acked)
+            } else {
+                BTreeSet::new()
+            };
+            (upto, singles)
+        };
+        let mut result = Ok(());
+        if let Some(upto) = upto {
+            result = channel
+                .basic_ack(upto, BasicAckOptions { multiple: true })
+                .await;
+        }
+        for tag in singles {
+            let r = channel
+                .basic_ack(tag, BasicAckOptions { multiple: false })
+                .await;
+            result = result.and(r);
+        }
+        result
+    }
+
+    /// Whether acks still wait; if none do, the scheduled flush ends.
+    fn more_waiting(&self) -> bool {
+        let mut st = self.state();
+        if st.acked.is_empty() {
+            st.flush_scheduled = false;
+            false
+        } else {
+            true
+        }
+    }
+}
+
+impl Link {
+    /// Sends the waiting acks [`ACK_LINGER`] from now, and again while more
+    /// arrive. Holds the link, so the channel closes only after the flush.
+    fn schedule_flush(self: Arc<Self>) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ACK_LINGER).await;
+                if let Err(e) = self.acks.flush(&self.channel, true).await {
+                    tracing::debug!(error = %e, "sending acks failed; the broker redelivers their messages");
+                }
+                if !self.acks.more_waiting() {
+                    break;
                 }
             }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => {}
-            }
-        }
+        });
     }
 }
 
@@ -275,7 +335,7 @@ impl RabbitSource {
             link: Arc::new(Link {
                 connection,
                 channel,
-                acks: Acks::default(),
+                acks: Acks::new(self.options.prefetch),
             }),
             consumer,
         })
@@ -518,10 +578,24 @@ impl Delivery for RabbitDelivery {
     }
 
     async fn ack(self) -> SettleResult<Self> {
-        match self.link.acks.ack(&self.link.channel, self.tag).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(SettleError::new(settle_error("basic.ack", e), self)),
+        if !self.link.channel.status().connected() {
+            // Its channel is gone (the broker redelivers the message): say so.
+            let options = BasicAckOptions::default();
+            return match self.link.channel.basic_ack(self.tag, options).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err(SettleError::new(settle_error("basic.ack", e), self)),
+            };
         }
+        let plan = self.link.acks.record(self.tag);
+        if plan.schedule {
+            self.link.clone().schedule_flush();
+        }
+        if plan.flush_now {
+            if let Err(e) = self.link.acks.flush(&self.link.channel, false).await {
+                return Err(SettleError::new(settle_error("basic.ack", e), self));
+            }
+        }
+        Ok(())
     }
 
     async fn retry(self, retry: Retry) -> SettleResult<Self> {
