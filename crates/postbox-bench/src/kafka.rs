@@ -30,7 +30,7 @@ use postbox_core::{Consumer, DeadLetterRouter, Envelope, Handler, HandlerResult,
 use postbox_kafka::{KafkaConfig, KafkaPublisher, KafkaSource, Topology, TopologySpec};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::Notify;
@@ -160,6 +160,9 @@ fn ce_headers(template: &Envelope) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The label of the raw consumer that also reads every header.
+const READS_HEADERS: &str = "raw, reads headers";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Raw,
@@ -230,14 +233,26 @@ impl Bench {
         (topic, started.elapsed())
     }
 
+    /// The raw consumer that also reads every header of every record (name
+    /// and value as UTF-8, black-boxed): the least a hand-written CloudEvents
+    /// consumer does. Reads the raw side's topic again in a fresh group.
+    async fn consume_reading_headers(&mut self, topic: &str, n: u64) -> Duration {
+        let group = self.fresh("group");
+        let took = raw_consume(&self.o, topic, &group, n, true).await;
+        let committed = committed_offset(&self.o, topic, &group).await;
+        assert_eq!(
+            committed, n as i64,
+            "raw reading headers: committed offset of {topic}"
+        );
+        took
+    }
+
     /// Consumes `n` records of `topic` in a fresh group; returns the time
     /// from the first record handed out to the last one handled.
     async fn consume(&mut self, side: Side, topic: &str, n: u64) -> Duration {
         let group = self.fresh("group");
         let took = match side {
-            Side::Raw | Side::RawHeaderless => {
-                raw_consume(&self.o, topic, &group, n, self.o.store_every).await
-            }
+            Side::Raw | Side::RawHeaderless => raw_consume(&self.o, topic, &group, n, false).await,
             Side::Postbox => postbox_consume(&self.o, &self.publisher, topic, &group, n).await,
         };
         // Outside the window: the group's committed offset covers everything.
@@ -327,9 +342,16 @@ async fn postbox_publish(
 }
 
 /// Raw consume: recv, decode (black-boxed), store the offset after
-/// processing every `store_every` records and at the end; auto-commit
-/// commits what was stored.
-async fn raw_consume(o: &Options, topic: &str, group: &str, n: u64, store_every: u64) -> Duration {
+/// processing every `--store-every` records and at the end; auto-commit
+/// commits what was stored. With `read_headers`, every header is read too.
+async fn raw_consume(
+    o: &Options,
+    topic: &str,
+    group: &str,
+    n: u64,
+    read_headers: bool,
+) -> Duration {
+    let store_every = o.store_every;
     let mut config = consumer_config(o);
     config
         .set("group.id", group)
@@ -349,6 +371,14 @@ async fn raw_consume(o: &Options, topic: &str, group: &str, n: u64, store_every:
         };
         if started.is_none() {
             started = Some(Instant::now());
+        }
+        if read_headers {
+            if let Some(headers) = msg.headers() {
+                for h in headers.iter() {
+                    black_box(h.key);
+                    black_box(h.value.map(std::str::from_utf8));
+                }
+            }
         }
         workload::handle(msg.payload().unwrap_or_default());
         black_box(msg.offset());
@@ -549,6 +579,7 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
         }
         let mut publish = vec![Rates::default(); sides.len()];
         let mut consume = vec![Rates::default(); sides.len()];
+        let mut reading_headers = Rates::default();
         let n = o.messages;
         for round in 0..=o.rounds {
             let tag = if round == 0 {
@@ -566,6 +597,20 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
                     fmt_rate(rate),
                     if round == 0 { " (discarded)" } else { "" }
                 );
+                if side == Side::Raw {
+                    let took_h = bench.consume_reading_headers(&topic, n).await;
+                    let rate_h = n as f64 / took_h.as_secs_f64();
+                    println!(
+                        "{tag:<8} consume {:<16} {n:>9} msgs {:>7.3} s {:>10} msg/s{}",
+                        READS_HEADERS,
+                        took_h.as_secs_f64(),
+                        fmt_rate(rate_h),
+                        if round == 0 { " (discarded)" } else { "" }
+                    );
+                    if round > 0 {
+                        reading_headers.push(rate_h);
+                    }
+                }
                 let took_c = bench.consume(side, &topic, n).await;
                 let rate_c = n as f64 / took_c.as_secs_f64();
                 println!(
@@ -605,11 +650,34 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
                 );
             }
             let (raw, pb) = (&rates[0], &rates[1]);
+            if what != "publish" {
+                let r = &reading_headers;
+                println!(
+                    "  {:<18} {:>10} {:>10} {:>10} {:>10}",
+                    READS_HEADERS,
+                    fmt_rate(r.best()),
+                    fmt_rate(r.median()),
+                    fmt_rate(r.worst()),
+                    fmt_rate(r.spread())
+                );
+            }
             println!(
                 "  postbox / raw (median): {:.3} (target >= {target:.2})  -> {}",
                 pb.median() / raw.median(),
                 verdict(pb, raw)
             );
+            if what != "publish" {
+                let r = &reading_headers;
+                println!(
+                    "  postbox / raw reading headers (median): {:.3}  -> {}",
+                    pb.median() / r.median(),
+                    verdict(pb, r)
+                );
+                println!(
+                    "  raw reading headers / raw (median): {:.3}   [what reading the headers costs]",
+                    r.median() / raw.median()
+                );
+            }
             if o.headerless {
                 let bare = &rates[2];
                 println!(
