@@ -668,26 +668,27 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
             );
             if what != "publish" {
                 let r = &reading_headers;
-                println!(
-                    "  postbox / raw reading headers (median): {:.3}  -> {}",
-                    pb.median() / r.median(),
-                    verdict(pb, r)
-                );
-                println!(
-                    "  raw reading headers / raw (median): {:.3}   [what reading the headers costs]",
-                    r.median() / raw.median()
+                ratio_line("postbox / raw reading headers", pb, r, "");
+                ratio_line(
+                    "raw reading headers / raw",
+                    r,
+                    raw,
+                    "[what reading the headers costs]",
                 );
             }
             if o.headerless {
                 let bare = &rates[2];
-                println!(
-                    "  raw with headers / raw without (median): {:.3}  -> {}   [the envelope's wire cost]",
-                    raw.median() / bare.median(),
-                    verdict(raw, bare)
+                ratio_line(
+                    "raw with headers / raw without",
+                    raw,
+                    bare,
+                    "[the envelope's wire cost]",
                 );
-                println!(
-                    "  postbox / raw without headers (median): {:.3}   [the envelope's whole cost]",
-                    pb.median() / bare.median()
+                ratio_line(
+                    "postbox / raw without headers",
+                    pb,
+                    bare,
+                    "[the envelope's whole cost]",
                 );
             }
             println!();
@@ -696,4 +697,13 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
             "  the broker and the client share the same {workers} cores: the client's CPU (librdkafka threads + the tokio workers) and tansu compete"
         );
     });
+}
+
+/// Prints the median ratio `a / b` with its verdict and a note.
+fn ratio_line(label: &str, a: &Rates, b: &Rates, note: &str) {
+    println!(
+        "  {label} (median): {:.3}  -> {}   {note}",
+        a.median() / b.median(),
+        verdict(a, b)
+    );
 }
