@@ -88,9 +88,26 @@ pub fn decode<'a>(
     attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
     payload: Bytes,
 ) -> Result<Envelope, Error> {
-    let mut env = Envelope::new("", payload);
-    env.time = None;
     let (mut spec, mut id, mut ty, mut source) = (None, None, None, None);
+    // Filled in place; the id, type and source are set once checked below
+    // (no fresh id is generated for an envelope that arrives with one).
+    let mut env = Envelope {
+        id: MessageId::from_uuid(uuid::Uuid::nil()),
+        event_type: Cow::Borrowed(""),
+        source: Cow::Borrowed(""),
+        time: None,
+        schema_version: None,
+        content_type: Cow::Borrowed(crate::envelope::JSON),
+        subject: None,
+        correlation_id: None,
+        causation_id: None,
+        key: None,
+        traceparent: None,
+        tracestate: None,
+        attempt: 1,
+        headers: Default::default(),
+        payload,
+    };
     for (name, value) in attrs {
         match name {
             attr::SPECVERSION => spec = Some(value),
@@ -121,9 +138,9 @@ pub fn decode<'a>(
         }
         None => return Err(decode_error("required attribute `specversion` is missing")),
     }
-    let nonempty = |v: Option<&str>, name: &str| -> Result<String, Error> {
+    let nonempty = |v: Option<&'a str>, name: &str| -> Result<&'a str, Error> {
         match v {
-            Some(s) if !s.is_empty() => Ok(s.to_string()),
+            Some(s) if !s.is_empty() => Ok(s),
             Some(_) => Err(decode_error(format!(
                 "required attribute `{name}` is empty"
             ))),
@@ -133,8 +150,8 @@ pub fn decode<'a>(
         }
     };
     env.id = MessageId::from(nonempty(id, attr::ID)?);
-    env.event_type = Cow::Owned(nonempty(ty, attr::TYPE)?);
-    env.source = Cow::Owned(nonempty(source, attr::SOURCE)?);
+    env.event_type = Cow::Owned(nonempty(ty, attr::TYPE)?.to_string());
+    env.source = Cow::Owned(nonempty(source, attr::SOURCE)?.to_string());
     Ok(env)
 }
 
