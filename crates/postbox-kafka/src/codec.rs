@@ -112,10 +112,10 @@ pub fn encode(env: &Envelope, retry: Option<&RetryInfo>) -> Result<Encoded, Erro
     if let Some(info) = retry {
         let mut extra: Vec<(&str, String)> = Vec::with_capacity(4);
         if let Some(due) = info.due {
-            let ms = due
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis();
+            // Rounded up: a copy read back must never be due before the
+            // time the caller asked for.
+            let since = due.duration_since(UNIX_EPOCH).unwrap_or_default();
+            let ms = since.as_millis() + u128::from(since.subsec_nanos() % 1_000_000 != 0);
             extra.push((RETRY_DUE, ms.to_string()));
         }
         if let Some((topic, partition, offset)) = &info.origin {
@@ -335,6 +335,19 @@ mod tests {
         let back = round_trip(&env, Some(&info));
         assert_eq!(back.retry, info);
         assert_eq!(back.envelope, env);
+    }
+
+    #[test]
+    fn a_due_time_between_milliseconds_is_rounded_up_never_down() {
+        let env = Envelope::builder("order.placed").payload(b"x".to_vec()).build();
+        let due = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_000_001);
+        let info = RetryInfo {
+            due: Some(due),
+            origin: None,
+        };
+        let back = round_trip(&env, Some(&info)).retry.due.unwrap();
+        assert!(back >= due, "{back:?} is before {due:?}");
+        assert_eq!(back, UNIX_EPOCH + Duration::from_millis(1_700_000_000_124));
     }
 
     #[test]

@@ -702,7 +702,7 @@ impl KafkaSource {
         if is_retry {
             if let Some(due) = decoded.retry.due {
                 if let Ok(wait) = due.duration_since(SystemTime::now()) {
-                    if wait > Duration::from_millis(2) {
+                    if !wait.is_zero() {
                         // Not due: hold it and pause its partition (no sleeping
                         // in the poll loop; other partitions keep flowing).
                         let mut tpl = TopicPartitionList::new();
