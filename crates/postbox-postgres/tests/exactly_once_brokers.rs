@@ -1,28 +1,40 @@
-//! Exactly-once *effect* on SQS with **real process kills**: producer →
-//! outbox → relays → SQS queue → consumer *process* with the transactional
-//! Postgres idempotency variant → a table.
+//! Exactly-once *effect* on real brokers with **real process kills**:
+//! producer → outbox → relays → broker → consumer *process* with the
+//! transactional Postgres idempotency variant → a table. One test per broker
+//! (SQS, Kafka, RabbitMQ), the same scenario for each:
 //!
 //! 20,000 orders are written through the outbox (in transactions); two
-//! relays in this process publish them to an SQS queue of the local emulator
-//! through [`SqsBroker`]. The consumer runs in a **child process**: an
-//! [`SqsSource`](postbox_sqs::SqsSource) feeding the consumer runtime, whose
-//! handler is a [`TransactionalLayer`] inserting one row per order into
-//! `applied`, a table *without* a unique constraint, so a double apply would
-//! show. The child is killed with SIGKILL (`Child::kill`) 4–6 times at random
-//! moments and restarted; relays are aborted and restarted too (wire
-//! duplicates). The queue has a short visibility timeout, so what a killed
-//! consumer held comes back quickly. At the end `applied` holds exactly
-//! 20,000 rows, each order once; the outbox, the queue and its DLQ are empty.
+//! relays in this process publish them to a destination of the broker (an SQS
+//! queue, a Kafka topic of 4 partitions, a RabbitMQ quorum queue). The
+//! consumer runs in a **child process**: the broker's source feeding the
+//! consumer runtime, whose handler is a [`TransactionalLayer`] inserting one
+//! row per order into `applied`, a table *without* a unique constraint, so a
+//! double apply would show. The child is killed with SIGKILL (`Child::kill`)
+//! 4–6 times at random moments and restarted; relays are aborted and
+//! restarted too (wire duplicates). What a killed consumer held comes back:
+//! on SQS after the queue's short visibility timeout, on Kafka because its
+//! uncommitted offsets are read again by the restarted member of the same
+//! group, on RabbitMQ because the broker requeues the unacked messages of a
+//! closed connection. At the end `applied` holds exactly 20,000 rows, each
+//! order once; the outbox is empty, nothing is left on the broker and nothing
+//! was dead-lettered.
+//!
+//! The brokers differ only in a [`Broker`] implementation (connect and
+//! health-check, declare the destination, the relays' publisher, the
+//! consumer's source, what is left, clean-up); the scenario is
+//! [`exactly_once_effect`].
 //!
 //! **The child process.** This test target has no libtest harness
 //! (`harness = false` in Cargo.toml): the same binary is the consumer
 //! program when started with `POSTBOX_EO_ROLE=consumer` (see [`consumer`]),
 //! so the child is always built with, and exactly as fresh as, the test.
-//! Otherwise `main` runs the test like libtest would (name filters, `--list`,
-//! a `test result:` line).
+//! Otherwise `main` runs the tests like libtest would (name filters,
+//! `--exact`, `--skip`, `--list`, a `test result:` line).
 //!
-//! Skipped by name when SQS or PostgreSQL is unreachable; fails instead when
-//! `CI=true` or `POSTBOX_REQUIRE_BROKERS=1`.
+//! A test is skipped by name when its broker or PostgreSQL is unreachable;
+//! it fails instead when `CI=true` or `POSTBOX_REQUIRE_BROKERS=1`.
+//! `POSTBOX_EO_SEED` replays the random choices (kill count and moments) of
+//! a printed seed.
 
 mod common;
 
@@ -33,12 +45,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{brokers_required, connect, count, drop_schema, exec};
-use postbox_core::{Envelope, ErrorKind, Handler, HandlerResult, PublishError, Publisher};
+use postbox_core::{
+    BoxSource, Envelope, Error, ErrorKind, Handler, HandlerResult, PublishError, Publisher,
+};
 use postbox_postgres::{Outbox, Postgres, SentRows};
 use postbox_sqs::aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use postbox_sqs::{QueueSpec, SqsBroker};
 
-const TEST: &str = "exactly_once_effect_sqs_with_process_kills";
 const ORDERS: usize = 20_000;
 const CUSTOMERS: usize = 64;
 /// Orders per producer transaction.
@@ -46,7 +59,7 @@ const PRODUCER_TX: usize = 250;
 /// Consumer process kills: 4 to 6, chosen at random.
 const KILLS: std::ops::RangeInclusive<usize> = 4..=6;
 const RELAY_KILLS: usize = 2;
-/// The queue's (and the consumer's) visibility timeout: what a killed
+/// The SQS queue's (and the consumer's) visibility timeout: what a killed
 /// consumer held becomes visible again after this.
 const VISIBILITY: Duration = Duration::from_secs(8);
 /// How long the last consumer has to finish the work once everything was produced.
@@ -54,8 +67,13 @@ const FINISH_WITHIN: Duration = Duration::from_secs(170);
 
 /// Selects the consumer role of this binary.
 const ROLE_ENV: &str = "POSTBOX_EO_ROLE";
+/// The consumer's broker: a [`Kind::name`].
+const BROKER_ENV: &str = "POSTBOX_EO_BROKER";
 const SCHEMA_ENV: &str = "POSTBOX_EO_SCHEMA";
-const QUEUE_ENV: &str = "POSTBOX_EO_QUEUE";
+/// The queue or topic consumed.
+const DESTINATION_ENV: &str = "POSTBOX_EO_DESTINATION";
+/// Replays a printed seed.
+const SEED_ENV: &str = "POSTBOX_EO_SEED";
 
 fn main() -> ExitCode {
     if std::env::var(ROLE_ENV).as_deref() == Ok("consumer") {
@@ -64,9 +82,108 @@ fn main() -> ExitCode {
     harness::main()
 }
 
+/// The brokers, one test each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sqs,
+    Kafka,
+    RabbitMq,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Sqs, Kind::Kafka, Kind::RabbitMq];
+
+    /// As in the test name and in `POSTBOX_EO_BROKER`.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Sqs => "sqs",
+            Kind::Kafka => "kafka",
+            Kind::RabbitMq => "rabbitmq",
+        }
+    }
+
+    fn test_name(self) -> &'static str {
+        match self {
+            Kind::Sqs => "exactly_once_effect_sqs_with_process_kills",
+            Kind::Kafka => "exactly_once_effect_kafka_with_process_kills",
+            Kind::RabbitMq => "exactly_once_effect_rabbitmq_with_process_kills",
+        }
+    }
+
+    /// The broker and where it is, for messages.
+    fn broker(self) -> String {
+        match self {
+            Kind::Sqs => format!("SQS at {}", endpoint()),
+            Kind::Kafka => format!("Kafka at {}", kafka::bootstrap()),
+            Kind::RabbitMq => format!("RabbitMQ at {}", rabbitmq::redacted_url()),
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The test (this process).
+    async fn test(self) {
+        match self {
+            Kind::Sqs => exactly_once_effect::<sqs::Sqs>().await,
+            Kind::Kafka => exactly_once_effect::<kafka::Kafka>().await,
+            Kind::RabbitMq => exactly_once_effect::<rabbitmq::Rabbit>().await,
+        }
+    }
+
+    /// The consumer program (the child process).
+    async fn consume(self, schema: String, destination: String) -> Result<(), Error> {
+        match self {
+            Kind::Sqs => consumer::run::<sqs::Sqs>(schema, destination).await,
+            Kind::Kafka => consumer::run::<kafka::Kafka>(schema, destination).await,
+            Kind::RabbitMq => consumer::run::<rabbitmq::Rabbit>(schema, destination).await,
+        }
+    }
+}
+
+/// What is still on the broker for the destination.
+#[derive(Debug)]
+struct Left {
+    /// Messages not consumed and settled yet (retry copies included).
+    pending: u64,
+    /// Messages dead-lettered.
+    dead: u64,
+    /// What was looked at, for the messages.
+    detail: String,
+}
+
+/// What the scenario needs of one broker. Both processes make theirs with
+/// [`Broker::connect`] from the environment, so they agree on every setting.
+trait Broker: Sized {
+    const KIND: Kind;
+
+    /// A client for `destination`, checked to answer (`Err` = unreachable).
+    async fn connect(destination: &str) -> Result<Self, Error>;
+
+    /// Declares the queue or topic (with its DLQ and retry path).
+    async fn declare(&self, destination: &str) -> Result<(), Error>;
+
+    /// The publisher the relays publish through.
+    fn relay_publisher(&self, destination: &str) -> Arc<dyn Publisher>;
+
+    /// In the consumer process: the source and the dead-letter publisher.
+    async fn subscribe(&self, destination: &str) -> Result<(BoxSource, Arc<dyn Publisher>), Error>;
+
+    /// What is left on the broker.
+    async fn left(&self, destination: &str) -> Result<Left, Error>;
+
+    /// After the last consumer process was killed: waits until the broker
+    /// took back what that process held (so [`Broker::left`] counts it).
+    async fn released(&self, _destination: &str) {}
+
+    /// Deletes what [`Broker::declare`] created.
+    async fn cleanup(&self, destination: &str);
+}
+
 // ---------------------------------------------------------------------------
-// SQS helpers (copied from postbox-sqs's tests: this crate must not depend on
-// another crate's test helpers).
+// Helpers (the SQS ones copied from postbox-sqs's tests: this crate must not
+// depend on another crate's test helpers).
 
 /// A variable, or `default` when unset or empty.
 fn env_or(name: &str, default: &str) -> String {
@@ -93,8 +210,7 @@ fn credentials() -> (String, String) {
 }
 
 /// Fails the test (brokers required) or reports a skip by name.
-fn sqs_unreachable(test: &str, why: impl std::fmt::Display) {
-    let broker = format!("SQS at {}", endpoint());
+fn broker_unreachable(test: &str, broker: &str, why: impl std::fmt::Display) {
     if brokers_required() {
         panic!("{test}: {broker} is unreachable: {why} (start it with `scripts/brokers.sh up`)");
     }
@@ -149,26 +265,28 @@ impl<H: Handler> Handler for Counting<H> {
 // ---------------------------------------------------------------------------
 /// The consumer program (the child process).
 ///
-/// Reads `DATABASE_URL`, `POSTBOX_EO_SCHEMA` (migrated, with the `applied`
-/// table), `POSTBOX_EO_QUEUE` and the AWS variables; prints `ready` once it
-/// consumes, then `stats <deliveries> <handler runs>` every 100 ms on stdout.
-/// It never stops by itself: it is killed.
+/// Reads `POSTBOX_EO_BROKER`, `DATABASE_URL`, `POSTBOX_EO_SCHEMA` (migrated,
+/// with the `applied` table), `POSTBOX_EO_DESTINATION` and the broker's
+/// variables; prints `ready` once it consumes, then `stats <deliveries>
+/// <handler runs>` every 100 ms on stdout. It never stops by itself: it is
+/// killed.
 mod consumer {
     use super::*;
     use postbox_core::{Consumer, DeadLetterRouter, ResultExt, RetryPolicy};
     use postbox_postgres::{tx_handler_fn, PostgresConfig, TransactionalLayer};
-    use postbox_sqs::ConsumerOptions;
 
     pub(super) fn main() -> ExitCode {
+        let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
+        let kind = Kind::from_name(&var(BROKER_ENV)).expect("a known POSTBOX_EO_BROKER");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        match runtime.block_on(run()) {
+        match runtime.block_on(kind.consume(var(SCHEMA_ENV), var(DESTINATION_ENV))) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("eo-consumer: {e}");
+                eprintln!("eo-consumer ({}): {e}", kind.name());
                 ExitCode::FAILURE
             }
         }
@@ -180,27 +298,15 @@ mod consumer {
         let _ = out.flush();
     }
 
-    async fn run() -> Result<(), postbox_core::Error> {
-        let schema = std::env::var(SCHEMA_ENV).expect("POSTBOX_EO_SCHEMA");
-        let queue = std::env::var(QUEUE_ENV).expect("POSTBOX_EO_QUEUE");
+    pub(super) async fn run<B: Broker>(schema: String, destination: String) -> Result<(), Error> {
         let pg = Postgres::connect(
             PostgresConfig::from_url(&common::database_url())?
                 .schema(schema)
                 .pool_size(32),
         )
         .await?;
-        let broker = sqs_broker();
-        let source = broker
-            .subscribe_with(
-                &queue,
-                ConsumerOptions::default()
-                    .receivers(8)
-                    .batch_size(10)
-                    .wait_time(Duration::from_secs(1))
-                    .visibility_timeout(VISIBILITY)
-                    .buffer(80),
-            )
-            .await?;
+        let broker = B::connect(&destination).await?;
+        let (source, dead_letters) = broker.subscribe(&destination).await?;
 
         let deliveries = Arc::new(AtomicU64::new(0));
         let runs = Arc::new(AtomicU64::new(0));
@@ -235,7 +341,7 @@ mod consumer {
                 deliveries: deliveries.clone(),
             },
         )
-        .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+        .dead_letter(DeadLetterRouter::new(dead_letters))
         .concurrency(32)
         .retry_policy(
             RetryPolicy::exponential(Duration::from_millis(10))
@@ -260,7 +366,7 @@ mod consumer {
 }
 
 // ---------------------------------------------------------------------------
-/// Runs the one test like libtest would.
+/// Runs the tests like libtest would, one after the other.
 mod harness {
     use super::*;
 
@@ -268,7 +374,7 @@ mod harness {
         let args: Vec<String> = std::env::args().skip(1).collect();
         let mut filters = Vec::new();
         let mut skips = Vec::new();
-        let (mut exact, mut list, mut ignored_only) = (false, false, false);
+        let (mut exact, mut list, mut ignored_only, mut terse) = (false, false, false, false);
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -276,49 +382,84 @@ mod harness {
                 "--exact" => exact = true,
                 "--ignored" => ignored_only = true,
                 "--skip" => skips.extend(it.next().cloned()),
-                "--test-threads" | "--format" | "--color" | "--logfile" | "-Z" => {
+                "--format" => terse = it.next().is_some_and(|f| f == "terse"),
+                "--format=terse" => terse = true,
+                "--test-threads" | "--color" | "--logfile" | "-Z" => {
                     it.next();
                 }
                 s if s.starts_with('-') => {}
                 s => filters.push(s.to_string()),
             }
         }
-        let matches = |p: &String| {
+        let matches = |name: &str, p: &String| {
             if exact {
-                TEST == p
+                name == p
             } else {
-                TEST.contains(p.as_str())
+                name.contains(p.as_str())
             }
         };
-        let selected = !ignored_only
-            && (filters.is_empty() || filters.iter().any(matches))
-            && !skips.iter().any(matches);
+        let selected: Vec<Kind> = Kind::ALL
+            .into_iter()
+            .filter(|k| {
+                let name = k.test_name();
+                !ignored_only
+                    && (filters.is_empty() || filters.iter().any(|p| matches(name, p)))
+                    && !skips.iter().any(|p| matches(name, p))
+            })
+            .collect();
+        let filtered_out = Kind::ALL.len() - selected.len();
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
         if list {
-            if selected {
-                println!("{TEST}: test");
+            for k in &selected {
+                println!("{}: test", k.test_name());
+            }
+            if !terse {
+                println!(
+                    "\n{} test{}, 0 benchmarks",
+                    selected.len(),
+                    plural(selected.len())
+                );
             }
             return ExitCode::SUCCESS;
         }
-        if !selected {
-            println!("\nrunning 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out; finished in 0.00s\n");
-            return ExitCode::SUCCESS;
-        }
-        println!("\nrunning 1 test");
+        println!(
+            "\nrunning {} test{}",
+            selected.len(),
+            plural(selected.len())
+        );
         let started = Instant::now();
-        let outcome = std::panic::catch_unwind(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(4)
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(exactly_once_effect_sqs(TEST))
-        });
-        let secs = started.elapsed().as_secs_f64();
-        if outcome.is_ok() {
-            println!("test {TEST} ... ok\n\ntest result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in {secs:.2}s\n");
+        let mut failed = Vec::new();
+        for kind in &selected {
+            let outcome = std::panic::catch_unwind(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(4)
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(kind.test())
+            });
+            let verdict = if outcome.is_ok() { "ok" } else { "FAILED" };
+            println!("test {} ... {verdict}", kind.test_name());
+            if outcome.is_err() {
+                failed.push(kind.test_name());
+            }
+        }
+        if !failed.is_empty() {
+            println!("\nfailures:");
+            for name in &failed {
+                println!("    {name}");
+            }
+        }
+        println!(
+            "\ntest result: {}. {} passed; {} failed; 0 ignored; 0 measured; {filtered_out} filtered out; finished in {:.2}s\n",
+            if failed.is_empty() { "ok" } else { "FAILED" },
+            selected.len() - failed.len(),
+            failed.len(),
+            started.elapsed().as_secs_f64()
+        );
+        if failed.is_empty() {
             ExitCode::SUCCESS
         } else {
-            println!("test {TEST} ... FAILED\n\nfailures:\n    {TEST}\n\ntest result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in {secs:.2}s\n");
             ExitCode::from(101)
         }
     }
@@ -409,18 +550,16 @@ struct ConsumerProcess {
 }
 
 impl ConsumerProcess {
-    fn spawn(schema: &str, queue: &str) -> Self {
+    /// Starts this binary as the consumer of `destination` on `kind`'s broker
+    /// (the environment, with the brokers' addresses, is inherited).
+    fn spawn(kind: Kind, schema: &str, destination: &str) -> Self {
         let exe = std::env::current_exe().expect("the test binary's path");
-        let (key, secret) = credentials();
         let mut child = Command::new(exe)
             .env(ROLE_ENV, "consumer")
+            .env(BROKER_ENV, kind.name())
             .env(SCHEMA_ENV, schema)
-            .env(QUEUE_ENV, queue)
+            .env(DESTINATION_ENV, destination)
             .env("DATABASE_URL", common::database_url())
-            .env("AWS_ENDPOINT_URL", endpoint())
-            .env("AWS_REGION", region())
-            .env("AWS_ACCESS_KEY_ID", key)
-            .env("AWS_SECRET_ACCESS_KEY", secret)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -516,16 +655,324 @@ impl Drop for ConsumerProcess {
     }
 }
 
-async fn exactly_once_effect_sqs(test: &str) {
-    let broker = sqs_broker();
-    if let Err(e) = broker.health().await {
-        sqs_unreachable(test, e);
-        return;
+// ---------------------------------------------------------------------------
+// The brokers.
+
+/// SQS on the local emulator: a standard queue with a short visibility
+/// timeout and its DLQ.
+mod sqs {
+    use super::*;
+    use postbox_sqs::ConsumerOptions;
+
+    pub(super) struct Sqs(SqsBroker);
+
+    impl Broker for Sqs {
+        const KIND: Kind = Kind::Sqs;
+
+        async fn connect(_queue: &str) -> Result<Self, Error> {
+            let broker = sqs_broker();
+            broker.health().await?;
+            Ok(Sqs(broker))
+        }
+
+        async fn declare(&self, queue: &str) -> Result<(), Error> {
+            let spec = QueueSpec::new(queue)
+                .visibility_timeout(VISIBILITY)
+                // Far above anything a kill causes: postbox dead-letters, not SQS.
+                .max_receive_count(100);
+            self.0.declare_queue(&spec).await.map(drop)
+        }
+
+        fn relay_publisher(&self, queue: &str) -> Arc<dyn Publisher> {
+            Arc::new(Coalescing::new(Arc::new(self.0.clone()), queue, 4))
+        }
+
+        async fn subscribe(&self, queue: &str) -> Result<(BoxSource, Arc<dyn Publisher>), Error> {
+            let options = ConsumerOptions::default()
+                .receivers(8)
+                .batch_size(10)
+                .wait_time(Duration::from_secs(1))
+                .visibility_timeout(VISIBILITY)
+                .buffer(80);
+            let source = self.0.subscribe_with(queue, options).await?;
+            Ok((Box::new(source), Arc::new(self.0.clone())))
+        }
+
+        /// Pending = visible + in flight + delayed.
+        async fn left(&self, queue: &str) -> Result<Left, Error> {
+            let depth = self.0.depth(queue).await?;
+            let dlq = self.0.dlq_depth(queue).await?;
+            Ok(Left {
+                pending: depth.total(),
+                dead: dlq.total(),
+                detail: format!("queue {depth:?}, dlq {dlq:?}"),
+            })
+        }
+
+        async fn cleanup(&self, queue: &str) {
+            for q in [queue.to_string(), format!("{queue}-dlq")] {
+                if let Ok(url) = self.0.queue_url(&q).await {
+                    let _ = self.0.sqs().delete_queue().queue_url(url).send().await;
+                }
+            }
+        }
     }
+}
+
+/// Kafka (tansu on this machine): a topic of [`PARTITIONS`] partitions with
+/// its retry tier topics and DLQ, consumed by the group named like the topic.
+mod kafka {
+    use super::*;
+    use postbox_core::DeadLetterOps as _;
+    use postbox_kafka::retry::dlq_topic;
+    use postbox_kafka::{
+        KafkaConfig, KafkaOps, KafkaPublisher, KafkaSource, RetryTiers, Topology, TopologySpec,
+    };
+
+    /// Partitions of the topic (the records of one key stay in one).
+    const PARTITIONS: i32 = 4;
+
+    /// `KAFKA_BOOTSTRAP_SERVERS`, default `127.0.0.1:9092`.
+    pub(super) fn bootstrap() -> String {
+        env_or("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    }
+
+    /// Delay tiers of the retry topics `<topic>.retry.<tier>`.
+    fn tiers() -> RetryTiers {
+        RetryTiers::new([Duration::from_secs(1), Duration::from_secs(5)])
+    }
+
+    /// Client settings of both processes (like postbox-kafka's tests).
+    fn config() -> KafkaConfig {
+        KafkaConfig::new(&bootstrap())
+            .retry_tiers(tiers())
+            .request_timeout(Duration::from_secs(5))
+            .revoke_timeout(Duration::from_secs(5))
+            .set("linger.ms", "1")
+            // On tansu the "latest" offset is the last *batch*'s base offset
+            // + 1 (BROKERS.md): one record per batch keeps it exact, so a lag
+            // of 0 means every record (wire duplicates and retry copies
+            // included) was committed.
+            .set("batch.num.messages", "1")
+    }
+
+    /// Consumer settings: tansu's first group join takes about half the
+    /// session time-out, and a restarted process waits for the killed one to
+    /// leave the group (session time-out, or the rebalance time-out
+    /// `max.poll.interval.ms` when it died mid-join).
+    fn consumer_config() -> KafkaConfig {
+        config()
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .set("max.poll.interval.ms", "10000")
+            .set("fetch.wait.max.ms", "100")
+            .set("fetch.queue.backoff.ms", "10")
+            .set("auto.commit.interval.ms", "500")
+    }
+
+    fn spec() -> TopologySpec {
+        TopologySpec::new(PARTITIONS, 1)
+    }
+
+    pub(super) struct Kafka {
+        publisher: KafkaPublisher,
+        ops: KafkaOps,
+        admin: Topology,
+    }
+
+    impl Broker for Kafka {
+        const KIND: Kind = Kind::Kafka;
+
+        async fn connect(_topic: &str) -> Result<Self, Error> {
+            let config = config();
+            let publisher = KafkaPublisher::new(&config)?;
+            let ops = KafkaOps::with_publisher(&config, publisher.clone())?;
+            ops.health().await?;
+            let admin = Topology::new(&config)?;
+            Ok(Kafka {
+                publisher,
+                ops,
+                admin,
+            })
+        }
+
+        async fn declare(&self, topic: &str) -> Result<(), Error> {
+            self.admin.ensure_consumer_topology(topic, &spec()).await
+        }
+
+        fn relay_publisher(&self, _topic: &str) -> Arc<dyn Publisher> {
+            Arc::new(self.publisher.clone())
+        }
+
+        /// The group is named like the topic.
+        async fn subscribe(&self, topic: &str) -> Result<(BoxSource, Arc<dyn Publisher>), Error> {
+            let source = KafkaSource::builder(&consumer_config(), topic, topic)
+                .publisher(self.publisher.clone())
+                .build()
+                .await?;
+            Ok((Box::new(source), Arc::new(self.publisher.clone())))
+        }
+
+        /// Pending = the group's lag on the topic and its retry tiers.
+        async fn left(&self, topic: &str) -> Result<Left, Error> {
+            let (mut pending, mut detail) = (0, Vec::new());
+            for t in std::iter::once(topic.to_string()).chain(tiers().topics(topic)) {
+                let lag = self.ops.lag(&t, topic).await?;
+                let records: i64 = lag.iter().map(|p| p.high_watermark).sum();
+                let behind: i64 = lag.iter().map(|p| p.lag).sum();
+                pending += u64::try_from(behind).unwrap_or(0);
+                detail.push(format!("{t}: {records} records, lag {behind}"));
+            }
+            let dlq = dlq_topic(topic);
+            let dead = self.ops.count(&dlq).await?;
+            detail.push(format!("{dlq}: {dead}"));
+            Ok(Left {
+                pending,
+                dead,
+                detail: detail.join(", "),
+            })
+        }
+
+        async fn cleanup(&self, topic: &str) {
+            let names = self.admin.topic_names(topic, &spec());
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let _ = self.admin.delete_topics(&names).await;
+        }
+    }
+}
+
+/// RabbitMQ: a quorum queue with its DLQ; retries through delay tiers of an
+/// exchange of the test's own, so what waits in them counts as left.
+mod rabbitmq {
+    use super::*;
+    use postbox_rabbitmq::topology::tier_queue;
+    use postbox_rabbitmq::{RabbitConfig, RabbitMq, SubscribeOptions, Topology};
+
+    /// Unacked deliveries a consumer process holds (what a kill gives back).
+    const PREFETCH: u16 = 100;
+    /// Delay tiers of the retry copies, in milliseconds.
+    const TIERS: [u64; 4] = [20, 100, 500, 2_000];
+
+    /// `AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    fn amqp_url() -> String {
+        env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+    }
+
+    pub(super) fn redacted_url() -> String {
+        RabbitConfig::new(amqp_url()).redacted_url()
+    }
+
+    fn delay_exchange(queue: &str) -> String {
+        format!("{queue}.delay")
+    }
+
+    fn tier_queues(queue: &str) -> Vec<String> {
+        let exchange = delay_exchange(queue);
+        TIERS
+            .iter()
+            .map(|&ms| tier_queue(&exchange, Duration::from_millis(ms)))
+            .collect()
+    }
+
+    pub(super) struct Rabbit(RabbitMq);
+
+    impl Broker for Rabbit {
+        const KIND: Kind = Kind::RabbitMq;
+
+        async fn connect(queue: &str) -> Result<Self, Error> {
+            let config = RabbitConfig::new(amqp_url())
+                .connect_timeout(Duration::from_secs(5))
+                .delay_exchange(delay_exchange(queue))
+                .delay_tiers(TIERS.map(Duration::from_millis));
+            RabbitMq::connect(config).await.map(Rabbit)
+        }
+
+        async fn declare(&self, queue: &str) -> Result<(), Error> {
+            let spec = postbox_rabbitmq::QueueSpec::quorum(queue)
+                // Far above anything a kill causes: postbox dead-letters, not the broker.
+                .delivery_limit(Some(100));
+            self.0.declare(&Topology::new().queue(spec)).await?;
+            self.0.declare_delay_tiers().await
+        }
+
+        fn relay_publisher(&self, _queue: &str) -> Arc<dyn Publisher> {
+            Arc::new(self.0.clone())
+        }
+
+        async fn subscribe(&self, queue: &str) -> Result<(BoxSource, Arc<dyn Publisher>), Error> {
+            let options = SubscribeOptions::new().prefetch(PREFETCH);
+            let source = self.0.subscribe(queue, options).await?;
+            Ok((Box::new(source), Arc::new(self.0.clone())))
+        }
+
+        /// Pending = ready on the queue + waiting in the delay tiers (unacked
+        /// ones count once their consumer is gone: see `released`).
+        async fn left(&self, queue: &str) -> Result<Left, Error> {
+            let ready = self.0.queue_depth(queue).await?.messages;
+            let mut delayed = 0;
+            for tier in tier_queues(queue) {
+                delayed += self.0.queue_depth(&tier).await?.messages;
+            }
+            let dead = self.0.dlq_depth(queue).await?;
+            Ok(Left {
+                pending: ready + delayed,
+                dead,
+                detail: format!("queue: {ready} ready, {delayed} in delay tiers, dlq {dead}"),
+            })
+        }
+
+        async fn released(&self, queue: &str) {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                match self.0.queue_depth(queue).await {
+                    Ok(d) if d.consumers == 0 => return,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            panic!("the killed consumer of {queue} is still attached after 15 s");
+        }
+
+        async fn cleanup(&self, queue: &str) {
+            let dlq = postbox_core::dlq::default_destination(queue);
+            for q in [queue.to_string(), dlq]
+                .into_iter()
+                .chain(tier_queues(queue))
+            {
+                let _ = self.0.delete_queue(&q).await;
+            }
+            // The delay exchange (postbox-rabbitmq has no call to delete one).
+            let deleted = async {
+                let connection =
+                    lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                        .await?;
+                let channel = connection.create_channel().await?;
+                let exchange = delay_exchange(queue);
+                channel
+                    .exchange_delete(exchange.as_str().into(), Default::default())
+                    .await?;
+                connection.close(200, "done".into()).await
+            };
+            let _ = deleted.await;
+        }
+    }
+}
+
+/// The test on broker `B`.
+async fn exactly_once_effect<B: Broker>() {
+    let kind = B::KIND;
+    let test = kind.test_name();
+    let seed = std::env::var(SEED_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let destination = format!("pb-eo-{}-{:x}", kind.name(), fastrand::u64(..));
+    let broker = match B::connect(&destination).await {
+        Ok(b) => b,
+        Err(e) => return broker_unreachable(test, &kind.broker(), e),
+    };
     let Some(pg) = connect(test, 24).await else {
         return;
     };
-    let seed = fastrand::u64(..);
     let mut rng = fastrand::Rng::with_seed(seed);
     let kills = rng.usize(KILLS);
     exec(
@@ -533,22 +980,16 @@ async fn exactly_once_effect_sqs(test: &str) {
         "CREATE TABLE {s}.applied (order_id bigint NOT NULL, customer text NOT NULL, pid int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())",
     )
     .await;
-    let queue = format!("pb-eo-{}", pg.schema().replace('_', "-"));
     broker
-        .declare_queue(
-            &QueueSpec::new(&queue)
-                .visibility_timeout(VISIBILITY)
-                // Far above anything a kill causes: postbox dead-letters, not SQS.
-                .max_receive_count(100),
-        )
+        .declare(&destination)
         .await
-        .expect("declaring the queue");
+        .unwrap_or_else(|e| panic!("declaring {destination}: {e}"));
     let outbox = Outbox::new(&pg);
     let started = Instant::now();
 
     // Producer: orders in transactions, concurrently with everything else.
     let producer = {
-        let (pg, outbox, queue) = (pg.clone(), outbox.clone(), queue.clone());
+        let (pg, outbox, destination) = (pg.clone(), outbox.clone(), destination.clone());
         tokio::spawn(async move {
             let mut client = pg.client().await.unwrap();
             for chunk in (0..ORDERS).collect::<Vec<_>>().chunks(PRODUCER_TX) {
@@ -563,7 +1004,10 @@ async fn exactly_once_effect_sqs(test: &str) {
                     })
                     .collect();
                 let tx = client.transaction().await.unwrap();
-                outbox.enqueue_many(&tx, &queue, &envelopes).await.unwrap();
+                outbox
+                    .enqueue_many(&tx, &destination, &envelopes)
+                    .await
+                    .unwrap();
                 tx.commit().await.unwrap();
             }
         })
@@ -571,8 +1015,7 @@ async fn exactly_once_effect_sqs(test: &str) {
 
     // Two relays in this process; aborted (and restarted) now and then.
     let stop = postbox_core::CancellationToken::new();
-    let publisher: Arc<dyn Publisher> =
-        Arc::new(Coalescing::new(Arc::new(broker.clone()), &queue, 4));
+    let publisher = broker.relay_publisher(&destination);
     let new_relay = |stop: &postbox_core::CancellationToken| {
         outbox
             .relay(publisher.clone())
@@ -591,11 +1034,11 @@ async fn exactly_once_effect_sqs(test: &str) {
     let mut relay_kills = 0;
     let mut kill_log = Vec::new();
     for k in 0..kills {
-        let mut child = ConsumerProcess::spawn(pg.schema(), &queue);
+        let mut child = ConsumerProcess::spawn(kind, pg.schema(), &destination);
         child.wait_ready().await;
-        // A random moment once it is applying orders (connecting 40
-        // connections under load can take seconds: a kill before that
-        // would prove little).
+        // A random moment once it is applying orders (connecting 32
+        // connections or joining a consumer group under load can take
+        // seconds: a kill before that would prove little).
         child.wait_working().await;
         let after = Duration::from_millis(rng.u64(200..4000));
         tokio::time::sleep(after).await;
@@ -619,7 +1062,7 @@ async fn exactly_once_effect_sqs(test: &str) {
     let applied_at_last_kill = count(&pg, "SELECT count(*) FROM {s}.applied").await;
 
     // The last consumer process runs to the end.
-    let mut last = ConsumerProcess::spawn(pg.schema(), &queue);
+    let mut last = ConsumerProcess::spawn(kind, pg.schema(), &destination);
     last.wait_ready().await;
     producer.await.unwrap();
     let deadline = Instant::now() + FINISH_WITHIN;
@@ -627,21 +1070,30 @@ async fn exactly_once_effect_sqs(test: &str) {
     loop {
         let applied = count(&pg, "SELECT count(DISTINCT order_id) FROM {s}.applied").await;
         let pending = count(&pg, "SELECT count(*) FROM {s}.postbox_outbox").await;
-        let depth = broker.depth(&queue).await.expect("queue depth");
-        if applied == ORDERS as i64 && pending == 0 && depth.total() == 0 {
+        let report = progress.elapsed() >= Duration::from_secs(10);
+        // The broker is asked only once the table and the outbox are done
+        // (or for the progress line).
+        let left = if (applied == ORDERS as i64 && pending == 0) || report {
+            Some(broker.left(&destination).await.expect("what is left"))
+        } else {
+            None
+        };
+        if applied == ORDERS as i64 && pending == 0 && left.as_ref().is_some_and(|l| l.pending == 0)
+        {
             break;
         }
         last.assert_alive();
-        if progress.elapsed() >= Duration::from_secs(10) {
+        if report {
             progress = Instant::now();
             eprintln!(
-                "{test}: {:.0}s: {applied} orders applied, {pending} outbox rows left, queue {depth:?}",
-                started.elapsed().as_secs_f64()
+                "{test}: {:.0}s: {applied} orders applied, {pending} outbox rows left, {}",
+                started.elapsed().as_secs_f64(),
+                left.as_ref().map_or("", |l| l.detail.as_str())
             );
         }
         assert!(
             Instant::now() < deadline,
-            "not done after {FINISH_WITHIN:?}: {applied} orders applied, {pending} outbox rows left, queue {depth:?} (seed {seed})"
+            "not done after {FINISH_WITHIN:?}: {applied} orders applied, {pending} outbox rows left, broker: {left:?} (seed {seed})"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -652,6 +1104,7 @@ async fn exactly_once_effect_sqs(test: &str) {
     let (d, r) = last.kill();
     deliveries += d;
     runs += r;
+    broker.released(&destination).await;
     stop.cancel();
     for r in relays {
         let _ = r.await;
@@ -674,28 +1127,29 @@ async fn exactly_once_effect_sqs(test: &str) {
         "SELECT count(*) FROM {s}.postbox_idempotency WHERE state = 'done'",
     )
     .await;
-    let depth = broker.depth(&queue).await.unwrap();
-    let dlq = broker.dlq_depth(&queue).await.unwrap();
+    let left = broker.left(&destination).await.unwrap();
     eprintln!(
-        "exactly-once effect [sqs, process kills]: {ORDERS} orders, consumer process SIGKILLed {kills}x [{}] ({applied_at_last_kill} rows before the last kill), relays aborted {relay_kills}x, rows written by {processes} processes; deliveries {deliveries} (redeliveries and wire duplicates included; as last reported before each kill), handler runs {runs} (incl. rolled back), applied rows {rows}, distinct {distinct}, processed marks {marks}, outbox rows left {outbox_left}, queue {depth:?}, dlq {dlq:?}; done in {:.1}s, seed {seed}",
+        "exactly-once effect [{}, process kills]: {ORDERS} orders, consumer process SIGKILLed {kills}x [{}] ({applied_at_last_kill} rows before the last kill), relays aborted {relay_kills}x, rows written by {processes} processes; deliveries {deliveries} (redeliveries and wire duplicates included; as last reported before each kill), handler runs {runs} (incl. rolled back), applied rows {rows}, distinct {distinct}, processed marks {marks}, outbox rows left {outbox_left}, {}; done in {:.1}s, seed {seed}",
+        kind.name(),
         kill_log.join(", "),
+        left.detail,
         elapsed.as_secs_f64()
     );
     assert_eq!(rows, ORDERS as i64, "each order applied exactly once");
     assert_eq!(distinct, ORDERS as i64);
     assert_eq!(in_range, ORDERS as i64);
     assert_eq!(outbox_left, 0, "nothing left in the outbox");
-    assert_eq!(depth.total(), 0, "nothing left on the queue");
-    assert_eq!(dlq.total(), 0, "nothing dead-lettered");
+    assert_eq!(
+        left.pending, 0,
+        "nothing left on the broker: {}",
+        left.detail
+    );
+    assert_eq!(left.dead, 0, "nothing dead-lettered: {}", left.detail);
     assert!(marks >= ORDERS as i64);
     assert!(
         processes >= 2,
         "the work was shared by the restarted processes"
     );
     drop_schema(&pg).await;
-    for q in [queue.clone(), format!("{queue}-dlq")] {
-        if let Ok(url) = broker.queue_url(&q).await {
-            let _ = broker.sqs().delete_queue().queue_url(url).send().await;
-        }
-    }
+    broker.cleanup(&destination).await;
 }
