@@ -70,6 +70,10 @@ pub fn encode(env: &Envelope) -> Result<Vec<Attribute>, Error> {
 /// assert_eq!(strip_prefix("content-type", "ce_"), None);
 /// ```
 pub fn strip_prefix<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
+    // The exact spelling first: it is what every binding writes.
+    if let Some(rest) = name.strip_prefix(prefix) {
+        return Some(rest);
+    }
     if name.len() >= prefix.len()
         && name.is_char_boundary(prefix.len())
         && name[..prefix.len()].eq_ignore_ascii_case(prefix)
@@ -115,6 +119,9 @@ pub fn decode<'a>(
             attr::TYPE => ty = Some(value),
             attr::SOURCE => source = Some(value),
             attr::TIME => env.time = Some(parse_time(value)?),
+            attr::DATACONTENTTYPE if value == crate::envelope::JSON => {
+                env.content_type = Cow::Borrowed(crate::envelope::JSON);
+            }
             attr::DATACONTENTTYPE => env.content_type = Cow::Owned(value.to_string()),
             attr::SUBJECT => env.subject = Some(value.to_string()),
             attr::DATAVERSION => env.schema_version = Some(Cow::Owned(value.to_string())),

@@ -121,11 +121,93 @@ pub fn format_time(t: SystemTime) -> Result<String, Error> {
 
 /// Parses an RFC 3339 time.
 pub fn parse_time(s: &str) -> Result<SystemTime, Error> {
+    if let Some(t) = parse_utc_fast(s.as_bytes()) {
+        return Ok(t);
+    }
     let dt = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map_err(|e| {
             decode_error(format!("`time` is not an RFC 3339 timestamp: {s:?}")).with_source(e)
         })?;
     Ok(SystemTime::from(dt))
+}
+
+/// The form [`format_time`] writes (`YYYY-MM-DDTHH:MM:SS[.fraction]Z`, at
+/// most 9 digits, 1970 or later), without the general parser; anything else
+/// (offsets, lower-case `t`/`z`, leap seconds, out of range) returns `None`
+/// and goes through the general parser, which also produces the error.
+fn parse_utc_fast(b: &[u8]) -> Option<SystemTime> {
+    fn digits(b: &[u8]) -> Option<u32> {
+        b.iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    }
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (digits(&b[0..4])?, digits(&b[5..7])?, digits(&b[8..10])?);
+    let (hour, minute, second) = (
+        digits(&b[11..13])?,
+        digits(&b[14..16])?,
+        digits(&b[17..19])?,
+    );
+    let rest = &b[19..];
+    let (fraction, zone) = match rest.split_first()? {
+        (b'.', tail) => {
+            let n = tail.iter().take_while(|c| c.is_ascii_digit()).count();
+            if n == 0 || n > 9 {
+                return None;
+            }
+            (digits(&tail[..n])? * 10u32.pow(9 - n as u32), &tail[n..])
+        }
+        _ => (0, rest),
+    };
+    if zone != b"Z"
+        || year < 1970
+        || !(1..=12).contains(&month)
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return None;
+    }
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if day == 0 || day > month_days[month as usize - 1] {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (March-based year).
+    let (y, m) = if month <= 2 {
+        (i64::from(year) - 1, month + 9)
+    } else {
+        (i64::from(year), month - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * i64::from(m) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second);
+    let since = std::time::Duration::new(u64::try_from(secs).ok()?, fraction);
+    SystemTime::UNIX_EPOCH.checked_add(since)
 }
 
 pub(crate) fn parse_attempt(s: &str) -> Result<u32, Error> {
@@ -200,5 +282,69 @@ mod tests {
             parse_time("yesterday").unwrap_err().kind(),
             &ErrorKind::Decode
         );
+    }
+
+    fn general(s: &str) -> Option<SystemTime> {
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(SystemTime::from)
+    }
+
+    #[test]
+    fn the_fast_path_leaves_what_it_does_not_know_to_the_general_parser() {
+        for s in [
+            "2024-02-29T00:00:00Z",
+            "2100-02-28T23:59:59.5Z",
+            "1970-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999999Z",
+        ] {
+            assert_eq!(parse_utc_fast(s.as_bytes()), general(s), "{s}");
+            assert!(parse_utc_fast(s.as_bytes()).is_some(), "{s}");
+        }
+        for s in [
+            "2023-02-29T00:00:00Z",
+            "2023-11-14T22:13:20+01:00",
+            "2023-11-14t22:13:20z",
+            "2023-11-14T22:13:60Z",
+            "2023-11-14T22:13:20.Z",
+            "2023-11-14T22:13:20.1234567891Z",
+            "1969-12-31T23:59:59Z",
+            "2023-13-01T00:00:00Z",
+            "2023-11-14T24:00:00Z",
+            "+023-11-14T22:13:20Z",
+        ] {
+            assert_eq!(parse_utc_fast(s.as_bytes()), None, "{s}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the fast path accepts, it reads as the general parser does.
+        #[test]
+        fn the_fast_path_agrees_with_the_general_parser(
+            secs in 0i64..253_402_300_799,
+            nanos in 0u32..1_000_000_000,
+            digits in 0usize..=9,
+        ) {
+            let dt = time::OffsetDateTime::from_unix_timestamp(secs).unwrap();
+            let mut s = format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                dt.year(), u8::from(dt.month()), dt.day(), dt.hour(), dt.minute(), dt.second()
+            );
+            if digits > 0 {
+                s.push('.');
+                s.push_str(&format!("{nanos:09}")[..digits]);
+            }
+            s.push('Z');
+            let fast = parse_utc_fast(s.as_bytes());
+            proptest::prop_assert!(fast.is_some(), "{}", s);
+            proptest::prop_assert_eq!(fast, general(&s), "{}", s);
+        }
+
+        #[test]
+        fn the_fast_path_never_panics(s in "[0-9TZ:.+-]{0,40}") {
+            if let Some(t) = parse_utc_fast(s.as_bytes()) {
+                proptest::prop_assert_eq!(Some(t), general(&s), "{}", s);
+            }
+        }
     }
 }
