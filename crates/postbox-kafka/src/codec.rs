@@ -167,7 +167,7 @@ pub fn decode<'a>(
     headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
     foreign_type: &Text,
 ) -> Decoded {
-    let mut attrs: Vec<(&str, &str)> = Vec::with_capacity(16);
+    let mut attrs = Attrs::default();
     let mut others: Vec<(&str, Option<&[u8]>)> = Vec::new();
     let mut retry = RetryInfo::default();
     let mut has_ce = false;
@@ -211,7 +211,7 @@ pub fn decode<'a>(
                 postbox_core::ErrorKind::Decode,
                 format!("header {name:?} is not UTF-8"),
             )),
-            None => binary::decode(attrs.iter().copied(), payload.clone()),
+            None => binary::decode(attrs.as_slice().iter().copied(), payload.clone()),
         };
         match result {
             Ok(mut envelope) => {
@@ -225,7 +225,8 @@ pub fn decode<'a>(
                 };
             }
             Err(e) => {
-                let mut d = foreign_envelope(record, &others, &attrs, payload, foreign_type);
+                let mut d =
+                    foreign_envelope(record, &others, attrs.as_slice(), payload, foreign_type);
                 d.envelope
                     .headers
                     .insert(DECODE_ERROR.to_string(), e.to_string());
@@ -233,7 +234,50 @@ pub fn decode<'a>(
             }
         }
     }
-    foreign_envelope(record, &others, &attrs, payload, foreign_type)
+    foreign_envelope(record, &others, attrs.as_slice(), payload, foreign_type)
+}
+
+/// The CloudEvents attributes of one record: on the stack up to
+/// [`Attrs::INLINE`] (a postbox record has at most 14), on the heap beyond,
+/// so decoding a record allocates nothing for them.
+struct Attrs<'a> {
+    inline: [(&'a str, &'a str); Attrs::INLINE],
+    len: usize,
+    spilled: Vec<(&'a str, &'a str)>,
+}
+
+impl Default for Attrs<'_> {
+    fn default() -> Self {
+        Attrs {
+            inline: [("", ""); Attrs::INLINE],
+            len: 0,
+            spilled: Vec::new(),
+        }
+    }
+}
+
+impl<'a> Attrs<'a> {
+    const INLINE: usize = 16;
+
+    fn push(&mut self, attr: (&'a str, &'a str)) {
+        if self.len < Self::INLINE {
+            self.inline[self.len] = attr;
+            self.len += 1;
+        } else {
+            if self.spilled.is_empty() {
+                self.spilled.extend_from_slice(&self.inline);
+            }
+            self.spilled.push(attr);
+        }
+    }
+
+    fn as_slice(&self) -> &[(&'a str, &'a str)] {
+        if self.spilled.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spilled
+        }
+    }
 }
 
 fn utf8_parse<T: std::str::FromStr>(v: Option<&[u8]>) -> Option<T> {
@@ -338,8 +382,22 @@ mod tests {
     }
 
     #[test]
+    fn records_with_more_attributes_than_fit_inline_round_trip() {
+        let mut b = Envelope::builder("order.placed").key("k").subject("s");
+        for i in 0..(Attrs::INLINE + 8) {
+            b = b.header(format!("h{i:02}"), format!("v{i}"));
+        }
+        let env = b.build();
+        let back = round_trip(&env, None);
+        assert!(!back.foreign);
+        assert_eq!(back.envelope, env);
+    }
+
+    #[test]
     fn a_due_time_between_milliseconds_is_rounded_up_never_down() {
-        let env = Envelope::builder("order.placed").payload(b"x".to_vec()).build();
+        let env = Envelope::builder("order.placed")
+            .payload(b"x".to_vec())
+            .build();
         let due = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_000_001);
         let info = RetryInfo {
             due: Some(due),

@@ -99,7 +99,10 @@ struct Pending {
     key: Key,
     offset: i64,
     envelope: Envelope,
-    origin: Origin,
+    /// Partition and offset of the record first consumed from the origin
+    /// topic (of this record itself, or the one a retry copy was made of);
+    /// the [`Origin`] is built from it only when asked for.
+    origin_at: (i32, i64),
 }
 
 #[derive(Debug)]
@@ -108,11 +111,52 @@ struct Parked {
     due: tokio::time::Instant,
 }
 
+/// A hasher for partition keys (a topic name and a partition number) that
+/// costs a few instructions instead of SipHash's rounds: the keys are the
+/// group's own assignment, not attacker-chosen input.
+#[derive(Debug, Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl KeyHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+    fn write_i32(&mut self, n: i32) {
+        self.add(u64::from(n as u32));
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type KeyMap<V> = HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
+
 #[derive(Debug, Default)]
 struct State {
-    parts: HashMap<Key, Part>,
+    parts: KeyMap<Part>,
     requeued: VecDeque<(Pending, u64)>,
-    parked: HashMap<Key, Parked>,
+    parked: KeyMap<Parked>,
+    /// Revokes waiting on [`Shared::settled`] for in-flight work to finish.
+    revoke_waiters: usize,
     next_gen: u64,
     dirty: bool,
     /// When watermarks were last handed to librdkafka.
@@ -122,18 +166,18 @@ struct State {
 
 impl State {
     fn part(&mut self, key: &Key) -> &mut Part {
-        if !self.parts.contains_key(key) {
-            self.next_gen += 1;
-            let part = Part {
-                gen: self.next_gen,
+        // One lookup for a known partition (the key clone is a reference count).
+        let next_gen = &mut self.next_gen;
+        self.parts.entry(key.clone()).or_insert_with(|| {
+            *next_gen += 1;
+            Part {
+                gen: *next_gen,
                 inflight: BTreeSet::new(),
                 high: -1,
                 stored: -1,
                 outstanding: 0,
-            };
-            self.parts.insert(key.clone(), part);
-        }
-        self.parts.get_mut(key).expect("inserted above")
+            }
+        })
     }
 
     /// Tracks an offset handed out; returns the generation.
@@ -209,8 +253,11 @@ impl Shared {
         if advanced {
             st.dirty = true;
         }
+        let revoke_waits = st.revoke_waiters > 0;
         drop(st);
-        self.settled.notify_all();
+        if revoke_waits {
+            self.settled.notify_all();
+        }
         if advanced {
             self.wake_if_waiting();
         }
@@ -238,8 +285,11 @@ impl Shared {
         if current {
             st.requeued.push_back((pending, gen));
         }
+        let revoke_waits = st.revoke_waiters > 0;
         drop(st);
-        self.settled.notify_all();
+        if revoke_waits {
+            self.settled.notify_all();
+        }
         if current {
             self.wake_if_waiting();
         }
@@ -282,11 +332,15 @@ impl Shared {
                 }
                 break;
             }
+            // Settles notify the condvar only while someone waits on it
+            // (a `notify_all` is a system call).
+            st.revoke_waiters += 1;
             st = self
                 .settled
                 .wait_timeout(st, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            st.revoke_waiters -= 1;
         }
         let mut tpl = TopicPartitionList::new();
         let mut paused = TopicPartitionList::new();
@@ -650,7 +704,7 @@ impl KafkaSource {
             offset: pending.offset,
             gen,
             envelope: Some(pending.envelope),
-            origin: pending.origin,
+            origin_at: pending.origin_at,
         }
     }
 
@@ -681,23 +735,15 @@ impl KafkaSource {
                 .map(|h| (h.key, h.value)),
             &shared.foreign_type,
         );
-        let origin = match (&decoded.retry.origin, is_retry) {
-            (Some((_, p, o)), true) => Origin {
-                destination: shared.topic.clone(),
-                partition: Some(*p),
-                offset: Some(*o),
-            },
-            _ => Origin {
-                destination: shared.topic.clone(),
-                partition: Some(key.1),
-                offset: Some(offset),
-            },
+        let origin_at = match (&decoded.retry.origin, is_retry) {
+            (Some((_, p, o)), true) => (*p, *o),
+            _ => (key.1, offset),
         };
         let pending = Pending {
             key: key.clone(),
             offset,
             envelope: decoded.envelope,
-            origin,
+            origin_at,
         };
         if is_retry {
             if let Some(due) = decoded.retry.due {
@@ -849,7 +895,7 @@ pub struct KafkaDelivery {
     offset: i64,
     gen: u64,
     envelope: Option<Envelope>,
-    origin: Origin,
+    origin_at: (i32, i64),
 }
 
 impl std::fmt::Debug for KafkaDelivery {
@@ -889,7 +935,7 @@ impl KafkaDelivery {
                 key: self.key.clone(),
                 offset: self.offset,
                 envelope,
-                origin: self.origin.clone(),
+                origin_at: self.origin_at,
             };
             self.shared.requeue(pending, self.gen);
         }
@@ -906,7 +952,11 @@ impl Delivery for KafkaDelivery {
     }
 
     fn origin(&self) -> Origin {
-        self.origin.clone()
+        Origin {
+            destination: self.shared.topic.clone(),
+            partition: Some(self.origin_at.0),
+            offset: Some(self.origin_at.1),
+        }
     }
 
     async fn ack(mut self) -> SettleResult<Self> {
@@ -920,9 +970,9 @@ impl Delivery for KafkaDelivery {
         let info = RetryInfo {
             due: Some(SystemTime::now() + retry.delay),
             origin: Some((
-                self.origin.destination.clone(),
-                self.origin.partition.unwrap_or(self.key.1),
-                self.origin.offset.unwrap_or(self.offset),
+                self.shared.topic.clone(),
+                self.origin_at.0,
+                self.origin_at.1,
             )),
         };
         let topic = self.shared.tiers.topic_for(&self.shared.topic, retry.delay);
