@@ -747,7 +747,7 @@ mod kafka {
         KafkaConfig::new(&bootstrap())
             .retry_tiers(tiers())
             .request_timeout(Duration::from_secs(5))
-            .revoke_timeout(Duration::from_secs(5))
+            .revoke_timeout(Duration::from_secs(3))
             .set("linger.ms", "1")
             // On tansu the "latest" offset is the last *batch*'s base offset
             // + 1 (BROKERS.md): one record per batch keeps it exact, so a lag
@@ -759,12 +759,14 @@ mod kafka {
     /// Consumer settings: tansu's first group join takes about half the
     /// session time-out, and a restarted process waits for the killed one to
     /// leave the group (session time-out, or the rebalance time-out
-    /// `max.poll.interval.ms` when it died mid-join).
+    /// `max.poll.interval.ms` when it died mid-join). With 3 s a restart
+    /// applies again after ~8 s (~12 s with the 6 s of postbox-kafka's tests);
+    /// static membership (`group.instance.id`) did not shorten it on tansu.
     fn consumer_config() -> KafkaConfig {
         config()
-            .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "500")
-            .set("max.poll.interval.ms", "10000")
+            .set("session.timeout.ms", "3000")
+            .set("heartbeat.interval.ms", "250")
+            .set("max.poll.interval.ms", "5000")
             .set("fetch.wait.max.ms", "100")
             .set("fetch.queue.backoff.ms", "10")
             .set("auto.commit.interval.ms", "500")
@@ -975,6 +977,13 @@ async fn exactly_once_effect<B: Broker>() {
     };
     let mut rng = fastrand::Rng::with_seed(seed);
     let kills = rng.usize(KILLS);
+    // Kill #k comes after a random time, or once the table holds a random
+    // number of rows, whichever is first: a fast consumer is still killed
+    // mid-stream, never only after it applied everything.
+    let mut kill_at_rows: Vec<i64> = (0..kills)
+        .map(|_| rng.i64(ORDERS as i64 / 20..ORDERS as i64 * 9 / 10))
+        .collect();
+    kill_at_rows.sort_unstable();
     exec(
         &pg,
         "CREATE TABLE {s}.applied (order_id bigint NOT NULL, customer text NOT NULL, pid int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())",
@@ -1033,24 +1042,33 @@ async fn exactly_once_effect<B: Broker>() {
     let mut runs = 0u64;
     let mut relay_kills = 0;
     let mut kill_log = Vec::new();
-    for k in 0..kills {
+    for (k, &rows_at_most) in kill_at_rows.iter().enumerate() {
+        let spawned = Instant::now();
         let mut child = ConsumerProcess::spawn(kind, pg.schema(), &destination);
         child.wait_ready().await;
         // A random moment once it is applying orders (connecting 32
         // connections or joining a consumer group under load can take
         // seconds: a kill before that would prove little).
         child.wait_working().await;
-        let after = Duration::from_millis(rng.u64(200..4000));
-        tokio::time::sleep(after).await;
+        let working = Instant::now();
+        let start = working - spawned;
+        let at_most = Duration::from_millis(rng.u64(200..4000));
+        while working.elapsed() < at_most
+            && count(&pg, "SELECT count(*) FROM {s}.applied").await < rows_at_most
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let after = working.elapsed();
         child.assert_alive();
         let (d, r) = child.kill();
         deliveries += d;
         runs += r;
         let applied = count(&pg, "SELECT count(*) FROM {s}.applied").await;
         kill_log.push(format!(
-            "#{} after {:.1}s ({d} deliveries, {applied} rows)",
+            "#{} after {:.1}s of work (working {:.1}s after its start; {d} deliveries, {applied} rows)",
             k + 1,
-            after.as_secs_f64()
+            after.as_secs_f64(),
+            start.as_secs_f64()
         ));
         if k % 2 == 0 && relay_kills < RELAY_KILLS {
             let i = rng.usize(..relays.len());
