@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{brokers_required, connect, count, drop_schema, exec};
+use common::{brokers_required, connect, count, drop_schema, exec, Effect};
 use postbox_core::{
     BoxSource, Envelope, Error, ErrorKind, Handler, HandlerResult, PublishError, Publisher,
 };
@@ -1128,23 +1128,15 @@ async fn exactly_once_effect<B: Broker>() {
         let _ = r.await;
     }
 
-    let rows = count(&pg, "SELECT count(*) FROM {s}.applied").await;
-    let distinct = count(&pg, "SELECT count(DISTINCT order_id) FROM {s}.applied").await;
-    let in_range = count(
-        &pg,
-        &format!(
-            "SELECT count(*) FROM {{s}}.applied WHERE order_id BETWEEN 0 AND {}",
-            ORDERS - 1
-        ),
-    )
-    .await;
+    let effect = Effect::read(&pg, ORDERS).await;
+    let Effect {
+        rows,
+        distinct,
+        marks,
+        outbox_left,
+        ..
+    } = effect;
     let processes = count(&pg, "SELECT count(DISTINCT pid) FROM {s}.applied").await;
-    let outbox_left = count(&pg, "SELECT count(*) FROM {s}.postbox_outbox").await;
-    let marks = count(
-        &pg,
-        "SELECT count(*) FROM {s}.postbox_idempotency WHERE state = 'done'",
-    )
-    .await;
     let left = broker.left(&destination).await.unwrap();
     eprintln!(
         "exactly-once effect [{}, process kills]: {ORDERS} orders, consumer process SIGKILLed {kills}x [{}] ({applied_at_last_kill} rows before the last kill), relays aborted {relay_kills}x, rows written by {processes} processes; deliveries {deliveries} (redeliveries and wire duplicates included; as last reported before each kill), handler runs {runs} (incl. rolled back), applied rows {rows}, distinct {distinct}, processed marks {marks}, outbox rows left {outbox_left}, {}; done in {:.1}s, seed {seed}",
@@ -1153,17 +1145,13 @@ async fn exactly_once_effect<B: Broker>() {
         left.detail,
         elapsed.as_secs_f64()
     );
-    assert_eq!(rows, ORDERS as i64, "each order applied exactly once");
-    assert_eq!(distinct, ORDERS as i64);
-    assert_eq!(in_range, ORDERS as i64);
-    assert_eq!(outbox_left, 0, "nothing left in the outbox");
+    effect.assert_exactly_once(ORDERS);
     assert_eq!(
         left.pending, 0,
         "nothing left on the broker: {}",
         left.detail
     );
     assert_eq!(left.dead, 0, "nothing dead-lettered: {}", left.detail);
-    assert!(marks >= ORDERS as i64);
     assert!(
         processes >= 2,
         "the work was shared by the restarted processes"

@@ -119,3 +119,50 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// What an exactly-once-effect run left behind: the `applied` table (one
+/// row per order applied, no unique constraint), the outbox and the marks.
+#[derive(Debug, Clone, Copy)]
+pub struct Effect {
+    /// Rows of `applied`.
+    pub rows: i64,
+    /// Distinct orders among them.
+    pub distinct: i64,
+    /// Rows whose order is one of `0..orders`.
+    pub in_range: i64,
+    /// Rows still in the outbox.
+    pub outbox_left: i64,
+    /// Idempotency marks in state `done`.
+    pub marks: i64,
+}
+
+impl Effect {
+    /// Reads the counts of the test's schema.
+    pub async fn read(pg: &Postgres, orders: usize) -> Effect {
+        let in_range = format!(
+            "SELECT count(*) FROM {{s}}.applied WHERE order_id BETWEEN 0 AND {}",
+            orders - 1
+        );
+        Effect {
+            rows: count(pg, "SELECT count(*) FROM {s}.applied").await,
+            distinct: count(pg, "SELECT count(DISTINCT order_id) FROM {s}.applied").await,
+            in_range: count(pg, &in_range).await,
+            outbox_left: count(pg, "SELECT count(*) FROM {s}.postbox_outbox").await,
+            marks: count(
+                pg,
+                "SELECT count(*) FROM {s}.postbox_idempotency WHERE state = 'done'",
+            )
+            .await,
+        }
+    }
+
+    /// Each of `orders` orders applied exactly once, nothing left in the outbox.
+    pub fn assert_exactly_once(&self, orders: usize) {
+        let n = orders as i64;
+        assert_eq!(self.rows, n, "each order applied exactly once: {self:?}");
+        assert_eq!(self.distinct, n, "{self:?}");
+        assert_eq!(self.in_range, n, "{self:?}");
+        assert_eq!(self.outbox_left, 0, "nothing left in the outbox: {self:?}");
+        assert!(self.marks >= n, "a processed mark per order: {self:?}");
+    }
+}
