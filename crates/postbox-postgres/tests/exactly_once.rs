@@ -26,10 +26,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{connect, count, drop_schema, exec, Effect};
+use common::{connect, count, drop_schema, exec, Counting, Effect};
 use postbox_core::{
-    CancellationToken, Consumer, DeadLetterRouter, Envelope, Handler, HandlerResult, Publisher,
-    ResultExt, RetryPolicy, Source,
+    CancellationToken, Consumer, DeadLetterRouter, Envelope, Publisher, ResultExt, RetryPolicy,
+    Source,
 };
 use postbox_memory::MemoryBroker;
 use postbox_postgres::{tx_handler_fn, Outbox, Postgres, SentRows, TransactionalLayer};
@@ -74,20 +74,6 @@ impl Broker for Memory {
     }
     fn dead_lettered(&self) -> usize {
         self.0.depth(&format!("{DESTINATION}.dlq"))
-    }
-}
-
-/// Counts deliveries that reach the handler stack (first deliveries,
-/// redeliveries and wire duplicates alike).
-struct Counting<H> {
-    inner: H,
-    deliveries: Arc<AtomicU64>,
-}
-
-impl<H: Handler> Handler for Counting<H> {
-    async fn handle(&self, envelope: &Envelope) -> HandlerResult {
-        self.deliveries.fetch_add(1, Ordering::Relaxed);
-        self.inner.handle(envelope).await
     }
 }
 
@@ -228,15 +214,8 @@ async fn exactly_once_effect<B: Broker>(broker: B, test: &str) {
     }
 
     let effect = Effect::read(&pg, ORDERS).await;
-    let Effect {
-        rows,
-        distinct,
-        marks,
-        outbox_left,
-        ..
-    } = effect;
     eprintln!(
-        "exactly-once effect [{}]: {ORDERS} orders, consumer killed {consumer_kills}x ({applied_at_last_kill} applied before the last kill), relays killed {relay_kills}x, deliveries {} (redeliveries and wire duplicates included), handler runs {} (incl. rolled back), applied rows {rows}, distinct {distinct}, processed marks {marks}, outbox rows left {outbox_left}, {:.1}s, seed {seed}",
+        "exactly-once effect [{}]: {ORDERS} orders, consumer killed {consumer_kills}x ({applied_at_last_kill} applied before the last kill), relays killed {relay_kills}x, deliveries {} (redeliveries and wire duplicates included), handler runs {} (incl. rolled back), {effect}, {:.1}s, seed {seed}",
         broker.name(),
         deliveries.load(Ordering::Relaxed),
         runs.load(Ordering::Relaxed),

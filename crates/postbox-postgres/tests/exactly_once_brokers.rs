@@ -44,10 +44,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{brokers_required, connect, count, drop_schema, exec, Effect};
-use postbox_core::{
-    BoxSource, Envelope, Error, ErrorKind, Handler, HandlerResult, PublishError, Publisher,
-};
+use common::{broker_unreachable, connect, count, drop_schema, exec, Counting, Effect};
+use postbox_core::{BoxSource, Envelope, Error, ErrorKind, PublishError, Publisher};
 use postbox_postgres::{Outbox, Postgres, SentRows};
 use postbox_sqs::aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use postbox_sqs::{QueueSpec, SqsBroker};
@@ -209,17 +207,6 @@ fn credentials() -> (String, String) {
     )
 }
 
-/// Fails the test (brokers required) or reports a skip by name.
-fn broker_unreachable(test: &str, broker: &str, why: impl std::fmt::Display) {
-    if brokers_required() {
-        panic!("{test}: {broker} is unreachable: {why} (start it with `scripts/brokers.sh up`)");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "{test}: SKIPPED ({broker} unreachable: {why}; run `scripts/brokers.sh up`, or `scripts/test.sh`)"
-    );
-}
-
 /// A broker on the emulator (SNS is unused but part of the handle).
 fn sqs_broker() -> SqsBroker {
     let (key, secret) = credentials();
@@ -246,20 +233,6 @@ fn sqs_broker() -> SqsBroker {
         postbox_sqs::aws_sdk_sqs::Client::from_conf(sqs),
         postbox_sqs::aws_sdk_sns::Client::from_conf(sns),
     )
-}
-
-/// Counts deliveries that reach the handler stack (first deliveries,
-/// redeliveries and wire duplicates alike).
-struct Counting<H> {
-    inner: H,
-    deliveries: Arc<AtomicU64>,
-}
-
-impl<H: Handler> Handler for Counting<H> {
-    async fn handle(&self, envelope: &Envelope) -> HandlerResult {
-        self.deliveries.fetch_add(1, Ordering::Relaxed);
-        self.inner.handle(envelope).await
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1129,17 +1102,10 @@ async fn exactly_once_effect<B: Broker>() {
     }
 
     let effect = Effect::read(&pg, ORDERS).await;
-    let Effect {
-        rows,
-        distinct,
-        marks,
-        outbox_left,
-        ..
-    } = effect;
     let processes = count(&pg, "SELECT count(DISTINCT pid) FROM {s}.applied").await;
     let left = broker.left(&destination).await.unwrap();
     eprintln!(
-        "exactly-once effect [{}, process kills]: {ORDERS} orders, consumer process SIGKILLed {kills}x [{}] ({applied_at_last_kill} rows before the last kill), relays aborted {relay_kills}x, rows written by {processes} processes; deliveries {deliveries} (redeliveries and wire duplicates included; as last reported before each kill), handler runs {runs} (incl. rolled back), applied rows {rows}, distinct {distinct}, processed marks {marks}, outbox rows left {outbox_left}, {}; done in {:.1}s, seed {seed}",
+        "exactly-once effect [{}, process kills]: {ORDERS} orders, consumer process SIGKILLed {kills}x [{}] ({applied_at_last_kill} rows before the last kill), relays aborted {relay_kills}x, rows written by {processes} processes; deliveries {deliveries} (redeliveries and wire duplicates included; as last reported before each kill), handler runs {runs} (incl. rolled back), {effect}, {}; done in {:.1}s, seed {seed}",
         kind.name(),
         kill_log.join(", "),
         left.detail,

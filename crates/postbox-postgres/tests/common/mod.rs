@@ -24,13 +24,34 @@ pub fn brokers_required() -> bool {
 
 /// Fails the test (brokers required) or reports a skip by name.
 pub fn unreachable(test: &str, why: impl std::fmt::Display) {
+    broker_unreachable(test, "postgres", why);
+}
+
+/// The same for any broker: fails (brokers required) or reports a skip by name.
+pub fn broker_unreachable(test: &str, broker: &str, why: impl std::fmt::Display) {
     if brokers_required() {
-        panic!("{test}: postgres is unreachable: {why} (start it with `scripts/brokers.sh up`)");
+        panic!("{test}: {broker} is unreachable: {why} (start it with `scripts/brokers.sh up`)");
     }
     let _ = writeln!(
         std::io::stderr(),
-        "{test}: SKIPPED (postgres unreachable: {why}; run `scripts/brokers.sh up`, or `scripts/test.sh`)"
+        "{test}: SKIPPED ({broker} unreachable: {why}; run `scripts/brokers.sh up`, or `scripts/test.sh`)"
     );
+}
+
+/// Counts deliveries that reach the handler stack (first deliveries,
+/// redeliveries and wire duplicates alike).
+pub struct Counting<H> {
+    /// The handler counted.
+    pub inner: H,
+    /// Deliveries so far.
+    pub deliveries: std::sync::Arc<AtomicU64>,
+}
+
+impl<H: postbox_core::Handler> postbox_core::Handler for Counting<H> {
+    async fn handle(&self, envelope: &postbox_core::Envelope) -> postbox_core::HandlerResult {
+        self.deliveries.fetch_add(1, Ordering::Relaxed);
+        self.inner.handle(envelope).await
+    }
 }
 
 /// A schema name no other test (or run) uses.
@@ -134,6 +155,16 @@ pub struct Effect {
     pub outbox_left: i64,
     /// Idempotency marks in state `done`.
     pub marks: i64,
+}
+
+impl std::fmt::Display for Effect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "applied rows {}, distinct {}, processed marks {}, outbox rows left {}",
+            self.rows, self.distinct, self.marks, self.outbox_left
+        )
+    }
 }
 
 impl Effect {
