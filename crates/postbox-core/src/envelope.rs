@@ -61,6 +61,13 @@ impl MessageId {
         Self::from_uuid(Uuid::new_v7(ts))
     }
 
+    /// The nil UUID, without rendering it: a placeholder for an id that is
+    /// filled in later.
+    pub(crate) const NIL: MessageId = MessageId(Repr::Uuid(
+        Uuid::nil(),
+        *b"00000000-0000-0000-0000-000000000000",
+    ));
+
     /// An id from a UUID (rendered lower-case hyphenated).
     pub fn from_uuid(uuid: Uuid) -> Self {
         let mut buf = [0u8; 36];
@@ -94,12 +101,14 @@ impl Default for MessageId {
 
 impl From<&str> for MessageId {
     fn from(s: &str) -> Self {
-        if s.len() == 36 {
+        // 36 characters that parse are the hyphenated form; in lower case they
+        // are already the canonical rendering, so they are kept as they came
+        // (no second rendering of the parsed value).
+        if s.len() == 36 && !s.bytes().any(|b| b.is_ascii_uppercase()) {
             if let Ok(uuid) = Uuid::try_parse(s) {
-                let id = MessageId::from_uuid(uuid);
-                if id.as_str() == s {
-                    return id;
-                }
+                let mut buf = [0u8; 36];
+                buf.copy_from_slice(s.as_bytes());
+                return MessageId(Repr::Uuid(uuid, buf));
             }
         }
         MessageId(Repr::Text(Arc::from(s)))
@@ -420,6 +429,24 @@ mod tests {
             MessageId::from(u.as_str()).as_uuid().unwrap().to_string(),
             u
         );
+    }
+
+    #[test]
+    fn canonical_uuid_text_is_kept_as_a_uuid_id() {
+        let u = Uuid::now_v7();
+        let text = u.hyphenated().to_string();
+        let id = MessageId::from(text.as_str());
+        assert_eq!(id.as_uuid(), Some(u));
+        assert_eq!(id.as_str(), text);
+        assert_eq!(id, MessageId::from_uuid(u));
+        // Upper case is not the canonical rendering: kept as text, verbatim.
+        let upper = text.to_ascii_uppercase();
+        assert_eq!(MessageId::from(upper.as_str()).as_uuid(), None);
+        // Hyphens out of place do not parse as a UUID.
+        let shifted = format!("{}-{}", &text[..7], &text[7..35].replace('-', "0"));
+        assert_eq!(shifted.len(), 36);
+        assert_eq!(MessageId::from(shifted.as_str()).as_str(), shifted);
+        assert_eq!(MessageId::NIL, MessageId::from_uuid(Uuid::nil()));
     }
 
     #[test]

@@ -211,10 +211,13 @@ pub fn decode<'a>(
                 postbox_core::ErrorKind::Decode,
                 format!("header {name:?} is not UTF-8"),
             )),
-            None => binary::decode(attrs.as_slice().iter().copied(), payload.clone()),
+            // The payload is set afterwards: a clone of a fresh `Bytes` would
+            // allocate its shared header (the failure path needs it too).
+            None => binary::decode(attrs.as_slice().iter().copied(), Bytes::new()),
         };
         match result {
             Ok(mut envelope) => {
+                envelope.payload = payload;
                 if envelope.key.is_none() {
                     envelope.key = record_key.map(str::to_string);
                 }

@@ -12,7 +12,8 @@
 //! that is still being processed. Acks only touch this in-memory set (no
 //! librdkafka call, no task or channel per message); the source stores the
 //! new watermarks when it is polled, at most every 5 ms while records flow
-//! (woken for that only if it is waiting for a record). With
+//! (looking at the clock for that every 16 records, and woken for it only if
+//! it is waiting for a record). With
 //! `enable.auto.commit=false` the source commits the stored offsets itself
 //! (asynchronously, at most every 200 ms) and synchronously on revoke/close.
 //!
@@ -70,7 +71,21 @@ pub enum StartPosition {
     Latest,
 }
 
-type Key = (Arc<str>, i32);
+/// A partition of one of the source's topics: the topic as its index in
+/// [`Shared::topics`] (0 is the origin topic, then the retry tiers), so a key
+/// is copied, compared and hashed without touching a string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    topic: u32,
+    partition: i32,
+}
+
+impl Key {
+    /// Whether the partition belongs to a retry tier topic.
+    fn is_retry(self) -> bool {
+        self.topic != 0
+    }
+}
 
 /// Offsets of one assigned partition.
 #[derive(Debug)]
@@ -111,9 +126,9 @@ struct Parked {
     due: tokio::time::Instant,
 }
 
-/// A hasher for partition keys (a topic name and a partition number) that
-/// costs a few instructions instead of SipHash's rounds: the keys are the
-/// group's own assignment, not attacker-chosen input.
+/// A hasher for partition keys (two integers) that costs a few instructions
+/// instead of SipHash's rounds: the keys are the group's own assignment, not
+/// attacker-chosen input.
 #[derive(Debug, Default, Clone, Copy)]
 struct KeyHasher(u64);
 
@@ -161,14 +176,16 @@ struct State {
     dirty: bool,
     /// When watermarks were last handed to librdkafka.
     last_store: Option<tokio::time::Instant>,
+    /// Calls of [`KafkaSource::take_ready`] since the clock was last read
+    /// for the store interval.
+    unclocked: u32,
     last_commit: Option<Instant>,
 }
 
 impl State {
-    fn part(&mut self, key: &Key) -> &mut Part {
-        // One lookup for a known partition (the key clone is a reference count).
+    fn part(&mut self, key: Key) -> &mut Part {
         let next_gen = &mut self.next_gen;
-        self.parts.entry(key.clone()).or_insert_with(|| {
+        self.parts.entry(key).or_insert_with(|| {
             *next_gen += 1;
             Part {
                 gen: *next_gen,
@@ -181,7 +198,7 @@ impl State {
     }
 
     /// Tracks an offset handed out; returns the generation.
-    fn hand_out(&mut self, key: &Key, offset: i64) -> u64 {
+    fn hand_out(&mut self, key: Key, offset: i64) -> u64 {
         let part = self.part(key);
         part.inflight.insert(offset);
         part.high = part.high.max(offset + 1);
@@ -190,13 +207,14 @@ impl State {
     }
 
     /// Watermarks that advanced since the last store.
-    fn advanced(&mut self) -> TopicPartitionList {
+    fn advanced(&mut self, topics: &[Arc<str>]) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), part) in &mut self.parts {
+        for (key, part) in &mut self.parts {
             let w = part.watermark();
             if part.high >= 0 && w > part.stored {
                 part.stored = w;
-                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(w));
+                let topic = &topics[key.topic as usize];
+                let _ = tpl.add_partition_offset(topic, key.partition, Offset::Offset(w));
             }
         }
         tpl
@@ -229,25 +247,37 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn intern(&self, topic: &str) -> Arc<str> {
-        self.topics
-            .iter()
-            .find(|t| &***t == topic)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(topic))
+    /// The key of a partition of one of the source's topics (`None` for any
+    /// other topic: the source never subscribes to one).
+    fn key(&self, topic: &str, partition: i32) -> Option<Key> {
+        let index = self.topics.iter().position(|t| **t == *topic)?;
+        Some(Key {
+            topic: u32::try_from(index).ok()?,
+            partition,
+        })
+    }
+
+    /// The name of a key's topic.
+    fn topic_of(&self, key: Key) -> &str {
+        &self.topics[key.topic as usize]
     }
 
     /// Marks an offset done.
-    fn complete(&self, key: &Key, offset: i64, gen: u64) {
+    fn complete(&self, key: Key, offset: i64, gen: u64) {
         let mut st = self.lock();
         let mut advanced = false;
-        if let Some(part) = st.parts.get_mut(key) {
+        if let Some(part) = st.parts.get_mut(&key) {
             if part.gen == gen {
                 part.outstanding = part.outstanding.saturating_sub(1);
                 advanced = part.inflight.first() == Some(&offset);
                 part.inflight.remove(&offset);
             } else {
-                tracing::debug!(topic = %key.0, partition = key.1, offset, "settled after its partition was revoked; not committed");
+                tracing::debug!(
+                    topic = self.topic_of(key),
+                    partition = key.partition,
+                    offset,
+                    "settled after its partition was revoked; not committed"
+                );
             }
         }
         if advanced {
@@ -302,7 +332,7 @@ impl Shared {
         let keys: Vec<Key> = revoked
             .elements()
             .iter()
-            .map(|e| (self.intern(e.topic()), e.partition()))
+            .filter_map(|e| self.key(e.topic(), e.partition()))
             .collect();
         let closing = self.closing.load(Ordering::SeqCst);
         // On a current-thread runtime no handler can finish while this thread
@@ -345,13 +375,14 @@ impl Shared {
         let mut tpl = TopicPartitionList::new();
         let mut paused = TopicPartitionList::new();
         for key in &keys {
+            let topic = self.topic_of(*key);
             if st.parked.remove(key).is_some() {
-                paused.add_partition(&key.0, key.1);
+                paused.add_partition(topic, key.partition);
             }
             if let Some(part) = st.parts.remove(key) {
                 if part.high >= 0 {
-                    let _ =
-                        tpl.add_partition_offset(&key.0, key.1, Offset::Offset(part.watermark()));
+                    let at = Offset::Offset(part.watermark());
+                    let _ = tpl.add_partition_offset(topic, key.partition, at);
                 }
             }
         }
@@ -593,11 +624,12 @@ impl KafkaSource {
         let mut tpl = TopicPartitionList::new();
         {
             let mut st = self.shared.lock();
-            for ((topic, partition), part) in &mut st.parts {
+            for (key, part) in &mut st.parts {
                 if part.high >= 0 {
                     part.stored = part.watermark();
-                    let _ =
-                        tpl.add_partition_offset(topic, *partition, Offset::Offset(part.stored));
+                    let topic = self.shared.topic_of(*key);
+                    let at = Offset::Offset(part.stored);
+                    let _ = tpl.add_partition_offset(topic, key.partition, at);
                 }
             }
         }
@@ -613,7 +645,7 @@ impl KafkaSource {
     /// Stores advanced watermarks (and commits them when auto-commit is off).
     fn store_advanced(&self, st: &mut State) {
         st.dirty = false;
-        let tpl = st.advanced();
+        let tpl = st.advanced(&self.shared.topics);
         if tpl.count() == 0 {
             return;
         }
@@ -638,19 +670,36 @@ impl KafkaSource {
     /// A delivery that is ready without polling (re-queued, or parked and
     /// due), or else when to look again: the next parked one is due, or
     /// advanced watermarks are to be stored.
-    fn take_ready(&self) -> Result<KafkaDelivery, Option<tokio::time::Instant>> {
+    ///
+    /// `woken`: the caller waited since its last call (the clock is read
+    /// then; while records flow, only every [`CLOCK_EVERY`] calls).
+    fn take_ready(&self, woken: bool) -> Result<KafkaDelivery, Option<tokio::time::Instant>> {
         let mut st = self.shared.lock();
         let mut store_at = None;
         if st.dirty {
             // At most every STORE_EVERY while records flow (a store is a
             // list allocation and a librdkafka call); auto-commit only picks
             // stored offsets up every `auto.commit.interval.ms` anyway.
-            let now = tokio::time::Instant::now();
-            match st.last_store {
-                Some(at) if now < at + STORE_EVERY => store_at = Some(at + STORE_EVERY),
+            st.unclocked += 1;
+            let now = match st.last_store {
+                Some(at) if !woken && st.unclocked < CLOCK_EVERY => {
+                    // Not looked at the clock for this one: the earliest a
+                    // store can be due is still the wake-up time.
+                    store_at = Some(at + STORE_EVERY);
+                    None
+                }
                 _ => {
-                    st.last_store = Some(now);
-                    self.store_advanced(&mut st);
+                    st.unclocked = 0;
+                    Some(tokio::time::Instant::now())
+                }
+            };
+            if let Some(now) = now {
+                match st.last_store {
+                    Some(at) if now < at + STORE_EVERY => store_at = Some(at + STORE_EVERY),
+                    _ => {
+                        st.last_store = Some(now);
+                        self.store_advanced(&mut st);
+                    }
                 }
             }
         }
@@ -676,23 +725,24 @@ impl KafkaSource {
             .parked
             .iter()
             .find(|(_, p)| p.due <= now)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| *k)
         else {
             return Err(later(st.parked.values().map(|p| p.due).min()));
         };
         let parked = st.parked.remove(&due_key).expect("found above");
-        let gen = st.hand_out(&due_key, parked.pending.offset);
+        let gen = st.hand_out(due_key, parked.pending.offset);
         drop(st);
         // Re-read from just after the held record, then fetch again.
         let consumer = self.consumer();
+        let (topic, partition) = (self.shared.topic_of(due_key), due_key.partition);
         let next = Offset::Offset(parked.pending.offset + 1);
-        if let Err(e) = consumer.seek(&due_key.0, due_key.1, next, Duration::from_secs(5)) {
-            tracing::warn!(topic = %due_key.0, partition = due_key.1, error = %e, "seek after a retry delay failed");
+        if let Err(e) = consumer.seek(topic, partition, next, Duration::from_secs(5)) {
+            tracing::warn!(topic, partition, error = %e, "seek after a retry delay failed");
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&due_key.0, due_key.1);
+        tpl.add_partition(topic, partition);
         if let Err(e) = consumer.resume(&tpl) {
-            tracing::warn!(topic = %due_key.0, partition = due_key.1, error = %e, "resuming a retry partition failed");
+            tracing::warn!(topic, partition, error = %e, "resuming a retry partition failed");
         }
         Ok(self.delivery(parked.pending, gen))
     }
@@ -712,9 +762,18 @@ impl KafkaSource {
     /// partition is parked and will be re-read).
     fn accept(&self, msg: &BorrowedMessage<'_>) -> Option<KafkaDelivery> {
         let shared = &self.shared;
-        let key: Key = (shared.intern(msg.topic()), msg.partition());
+        let Some(key) = shared.key(msg.topic(), msg.partition()) else {
+            // Not tracked, so never committed: whoever subscribes to it reads it.
+            tracing::error!(
+                topic = msg.topic(),
+                partition = msg.partition(),
+                offset = msg.offset(),
+                "record of a topic this source did not subscribe to; not handled"
+            );
+            return None;
+        };
         // Only retry-tier partitions are ever parked.
-        let is_retry = *key.0 != *shared.topic;
+        let is_retry = key.is_retry();
         if is_retry && self.shared.lock().parked.contains_key(&key) {
             return None;
         }
@@ -737,10 +796,10 @@ impl KafkaSource {
         );
         let origin_at = match (&decoded.retry.origin, is_retry) {
             (Some((_, p, o)), true) => (*p, *o),
-            _ => (key.1, offset),
+            _ => (key.partition, offset),
         };
         let pending = Pending {
-            key: key.clone(),
+            key,
             offset,
             envelope: decoded.envelope,
             origin_at,
@@ -751,10 +810,11 @@ impl KafkaSource {
                     if !wait.is_zero() {
                         // Not due: hold it and pause its partition (no sleeping
                         // in the poll loop; other partitions keep flowing).
+                        let (topic, partition) = (shared.topic_of(key), key.partition);
                         let mut tpl = TopicPartitionList::new();
-                        tpl.add_partition(&key.0, key.1);
+                        tpl.add_partition(topic, partition);
                         if let Err(e) = self.consumer().pause(&tpl) {
-                            tracing::warn!(topic = %key.0, partition = key.1, error = %e, "pausing a retry partition failed");
+                            tracing::warn!(topic, partition, error = %e, "pausing a retry partition failed");
                         }
                         let due = tokio::time::Instant::now() + wait;
                         self.shared
@@ -766,7 +826,7 @@ impl KafkaSource {
                 }
             }
         }
-        let gen = self.shared.lock().hand_out(&key, offset);
+        let gen = self.shared.lock().hand_out(key, offset);
         Some(self.delivery(pending, gen))
     }
 }
@@ -775,9 +835,10 @@ impl Source for KafkaSource {
     type Delivery = KafkaDelivery;
 
     async fn next(&mut self) -> Option<Result<KafkaDelivery, Error>> {
+        let mut woken = false;
         loop {
             self.shared.waiting.store(true, Ordering::SeqCst);
-            let due = match self.take_ready() {
+            let due = match self.take_ready(woken) {
                 Ok(d) => {
                     self.shared.waiting.store(false, Ordering::SeqCst);
                     return Some(Ok(d));
@@ -805,6 +866,7 @@ impl Source for KafkaSource {
                 self.shared.waiting.store(false, Ordering::SeqCst);
                 return Some(r);
             }
+            woken = true;
         }
     }
 
@@ -835,6 +897,11 @@ fn consume_error(e: KafkaError) -> Option<Result<KafkaDelivery, Error>> {
 
 /// While records flow, advanced watermarks are stored at most this often.
 const STORE_EVERY: Duration = Duration::from_millis(5);
+
+/// While records flow, the clock is read for [`STORE_EVERY`] once per this
+/// many records (a clock read per record is a measurable share of the
+/// consume path); a source that waited reads it at once.
+const CLOCK_EVERY: u32 = 16;
 
 /// How long a source closed before its first assignment keeps taking part
 /// in the group (in the background) so that it leaves cleanly.
@@ -901,8 +968,8 @@ pub struct KafkaDelivery {
 impl std::fmt::Debug for KafkaDelivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaDelivery")
-            .field("topic", &self.key.0)
-            .field("partition", &self.key.1)
+            .field("topic", &self.topic())
+            .field("partition", &self.key.partition)
             .field("offset", &self.offset)
             .finish_non_exhaustive()
     }
@@ -911,12 +978,12 @@ impl std::fmt::Debug for KafkaDelivery {
 impl KafkaDelivery {
     /// The topic the record was read from (the origin topic or a retry tier).
     pub fn topic(&self) -> &str {
-        &self.key.0
+        self.shared.topic_of(self.key)
     }
 
     /// The partition the record was read from.
     pub fn partition(&self) -> i32 {
-        self.key.1
+        self.key.partition
     }
 
     /// The offset of the record.
@@ -932,7 +999,7 @@ impl KafkaDelivery {
         if let Some(mut envelope) = self.envelope.take() {
             envelope.attempt = envelope.attempt.saturating_add(1);
             let pending = Pending {
-                key: self.key.clone(),
+                key: self.key,
                 offset: self.offset,
                 envelope,
                 origin_at: self.origin_at,
@@ -961,7 +1028,7 @@ impl Delivery for KafkaDelivery {
 
     async fn ack(mut self) -> SettleResult<Self> {
         self.envelope = None;
-        self.shared.complete(&self.key, self.offset, self.gen);
+        self.shared.complete(self.key, self.offset, self.gen);
         Ok(())
     }
 
@@ -980,7 +1047,7 @@ impl Delivery for KafkaDelivery {
             Ok(_) => {
                 // The copy is durable: only now is the original done.
                 self.envelope = None;
-                self.shared.complete(&self.key, self.offset, self.gen);
+                self.shared.complete(self.key, self.offset, self.gen);
                 Ok(())
             }
             Err(e) => {

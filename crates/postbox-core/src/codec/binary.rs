@@ -69,6 +69,7 @@ pub fn encode(env: &Envelope) -> Result<Vec<Attribute>, Error> {
 /// assert_eq!(strip_prefix("cloudEvents:id", "cloudevents:"), Some("id"));
 /// assert_eq!(strip_prefix("content-type", "ce_"), None);
 /// ```
+#[inline]
 pub fn strip_prefix<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
     // The exact spelling first: it is what every binding writes.
     if let Some(rest) = name.strip_prefix(prefix) {
@@ -96,7 +97,7 @@ pub fn decode<'a>(
     // Filled in place; the id, type and source are set once checked below
     // (no fresh id is generated for an envelope that arrives with one).
     let mut env = Envelope {
-        id: MessageId::from_uuid(uuid::Uuid::nil()),
+        id: MessageId::NIL,
         event_type: Cow::Borrowed(""),
         source: Cow::Borrowed(""),
         time: None,
