@@ -113,7 +113,7 @@ impl Part {
 struct Pending {
     key: Key,
     offset: i64,
-    envelope: Envelope,
+    envelope: Box<Envelope>,
     /// Partition and offset of the record first consumed from the origin
     /// topic (of this record itself, or the one a retry copy was made of);
     /// the [`Origin`] is built from it only when asked for.
@@ -801,7 +801,7 @@ impl KafkaSource {
         let pending = Pending {
             key,
             offset,
-            envelope: decoded.envelope,
+            envelope: Box::new(decoded.envelope),
             origin_at,
         };
         if is_retry {
@@ -961,7 +961,7 @@ pub struct KafkaDelivery {
     key: Key,
     offset: i64,
     gen: u64,
-    envelope: Option<Envelope>,
+    envelope: Option<Box<Envelope>>,
     origin_at: (i32, i64),
 }
 
