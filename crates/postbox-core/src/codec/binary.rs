@@ -89,6 +89,10 @@ pub fn strip_prefix<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
 ///
 /// `specversion`, `id`, `type` and `source` are required; unknown attributes
 /// become user headers. Errors are [`ErrorKind::Decode`](crate::ErrorKind::Decode).
+/// `type`, `source`, `datacontenttype` and `dataversion` come back borrowed
+/// from a bounded process-wide intern table (at most 1024 distinct values of
+/// at most 128 bytes; others are owned), since a consumer sees the same few
+/// values over and over.
 pub fn decode<'a>(
     attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
     payload: Bytes,
@@ -123,9 +127,9 @@ pub fn decode<'a>(
             attr::DATACONTENTTYPE if value == crate::envelope::JSON => {
                 env.content_type = Cow::Borrowed(crate::envelope::JSON);
             }
-            attr::DATACONTENTTYPE => env.content_type = Cow::Owned(value.to_string()),
+            attr::DATACONTENTTYPE => env.content_type = super::intern(value),
             attr::SUBJECT => env.subject = Some(value.to_string()),
-            attr::DATAVERSION => env.schema_version = Some(Cow::Owned(value.to_string())),
+            attr::DATAVERSION => env.schema_version = Some(super::intern(value)),
             attr::CORRELATIONID => env.correlation_id = Some(value.to_string()),
             attr::CAUSATIONID => env.causation_id = Some(value.to_string()),
             attr::PARTITIONKEY => env.key = Some(value.to_string()),
@@ -158,8 +162,10 @@ pub fn decode<'a>(
         }
     };
     env.id = MessageId::from(nonempty(id, attr::ID)?);
-    env.event_type = Cow::Owned(nonempty(ty, attr::TYPE)?.to_string());
-    env.source = Cow::Owned(nonempty(source, attr::SOURCE)?.to_string());
+    // Few distinct values, decoded over and over: interned (bounded), so the
+    // envelope borrows them instead of allocating two strings per message.
+    env.event_type = super::intern(nonempty(ty, attr::TYPE)?);
+    env.source = super::intern(nonempty(source, attr::SOURCE)?);
     Ok(env)
 }
 

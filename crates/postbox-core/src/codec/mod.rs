@@ -14,7 +14,10 @@
 
 pub mod binary;
 pub mod foreign;
+mod intern;
 pub mod structured;
+
+pub(crate) use intern::intern;
 
 use std::time::SystemTime;
 
