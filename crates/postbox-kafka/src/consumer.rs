@@ -39,7 +39,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -236,6 +236,14 @@ struct Shared {
     closing: AtomicBool,
     /// Whether the group handed this member an assignment yet.
     assigned: AtomicBool,
+    /// Whether a rebalance revoked this member's assignment and has not
+    /// assigned again yet.
+    rebalancing: AtomicBool,
+    /// Rebalance events (revokes and assigns) seen.
+    rebalance_events: AtomicU64,
+    /// How often the member heartbeats (`heartbeat.interval.ms`): how long
+    /// it may take to notice that the group started a rebalance.
+    heartbeat: Duration,
     /// Whether [`Source::next`] is waiting for a record: only then does a
     /// settle need to wake it (to store a watermark or hand out a re-queued
     /// delivery); otherwise its next call does that work anyway.
@@ -428,9 +436,15 @@ impl ClientContext for Ctx {
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Revoke(tpl) => self.shared.revoke(consumer, tpl),
+            Rebalance::Revoke(tpl) => {
+                self.shared.rebalancing.store(true, Ordering::SeqCst);
+                self.shared.rebalance_events.fetch_add(1, Ordering::SeqCst);
+                self.shared.revoke(consumer, tpl)
+            }
             Rebalance::Assign(tpl) => {
                 self.shared.assigned.store(true, Ordering::SeqCst);
+                self.shared.rebalancing.store(false, Ordering::SeqCst);
+                self.shared.rebalance_events.fetch_add(1, Ordering::SeqCst);
                 tracing::debug!(group = %self.shared.group, partitions = tpl.count(), "partitions assigned");
             }
             Rebalance::Error(e) => {
@@ -510,6 +524,10 @@ impl KafkaSourceBuilder {
         // The contract: offsets are stored by postbox after processing only.
         native.set("enable.auto.offset.store", "false");
         let explicit_commit = native.get("enable.auto.commit") == Some("false");
+        let heartbeat = native
+            .get("heartbeat.interval.ms")
+            .and_then(|ms| ms.parse().ok())
+            .map_or(Duration::from_secs(3), Duration::from_millis);
         let mut topics: Vec<Arc<str>> = vec![Arc::from(self.topic.as_str())];
         if self.retry_topics {
             topics.extend(tiers.topics(&self.topic).into_iter().map(Arc::from));
@@ -528,6 +546,9 @@ impl KafkaSourceBuilder {
             explicit_commit,
             closing: AtomicBool::new(false),
             assigned: AtomicBool::new(false),
+            rebalancing: AtomicBool::new(false),
+            rebalance_events: AtomicU64::new(0),
+            heartbeat,
             waiting: AtomicBool::new(false),
         });
         let consumer: StreamConsumer<Ctx> = native
@@ -907,6 +928,10 @@ const CLOCK_EVERY: u32 = 16;
 /// in the group (in the background) so that it leaves cleanly.
 const JOIN_BEFORE_LEAVE: Duration = Duration::from_secs(30);
 
+/// Taken by a source closed before its first assignment while it waits for
+/// its group to be steady and leaves: one such leave at a time per process.
+static LEAVE_TURN: Mutex<()> = Mutex::new(());
+
 impl Drop for KafkaSource {
     fn drop(&mut self) {
         // Closing: the revoke commits the watermarks without waiting (the
@@ -921,31 +946,83 @@ impl Drop for KafkaSource {
             return;
         }
         // Closed in the middle of its first group join. Leaving a group
-        // half-joined wedges some brokers' coordinators (tansu keeps the
-        // departed member as the leader of a generation that never syncs),
-        // and it has nothing to commit yet: finish the join in the
-        // background (records are not handed out), then leave.
+        // half-joined, or while it rebalances, wedges some brokers'
+        // coordinators (tansu keeps the departed member as the leader of a
+        // generation that never syncs), and it has nothing to commit yet:
+        // finish the join in the background (records are not handed out),
+        // then leave once the group is steady, one such member of this
+        // process at a time (the leave of one starts a rebalance the others
+        // take part in first).
         let shared = self.shared.clone();
         let spawned = std::thread::Builder::new()
             .name("postbox-kafka-close".into())
             .spawn(move || {
+                let mut turn = None;
                 if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
                     .build()
                 {
                     rt.block_on(async {
+                        let deadline = tokio::time::Instant::now() + JOIN_BEFORE_LEAVE;
+                        let poll = || async {
+                            if let Ok(m) = consumer.recv().await {
+                                // Not tracked: never committed, re-read later.
+                                drop(m);
+                            }
+                        };
                         let joined = async {
                             while !shared.assigned.load(Ordering::SeqCst) {
-                                if let Ok(m) = consumer.recv().await {
-                                    // Not tracked: never committed, re-read later.
-                                    drop(m);
+                                poll().await;
+                            }
+                        };
+                        if tokio::time::timeout_at(deadline, joined).await.is_err() {
+                            return;
+                        }
+                        // Wait for the turn polling (a member that does not
+                        // poll cannot take part in a rebalance and holds the
+                        // whole group up).
+                        let take_turn = async {
+                            loop {
+                                match LEAVE_TURN.try_lock() {
+                                    Ok(guard) => return guard,
+                                    Err(std::sync::TryLockError::Poisoned(e)) => {
+                                        return e.into_inner()
+                                    }
+                                    Err(std::sync::TryLockError::WouldBlock) => {
+                                        let wait = Duration::from_millis(50);
+                                        let _ = tokio::time::timeout(wait, poll()).await;
+                                    }
                                 }
                             }
                         };
-                        let _ = tokio::time::timeout(JOIN_BEFORE_LEAVE, joined).await;
+                        let Ok(guard) = tokio::time::timeout_at(deadline, take_turn).await else {
+                            return;
+                        };
+                        turn = Some(guard);
+                        // Steady: no rebalance event for two heartbeats (what it
+                        // takes to notice one the previous leave started).
+                        let settle = shared.heartbeat * 2;
+                        let steady = async {
+                            loop {
+                                let seen = shared.rebalance_events.load(Ordering::SeqCst);
+                                let window = tokio::time::Instant::now() + settle;
+                                let polling = async {
+                                    loop {
+                                        poll().await;
+                                    }
+                                };
+                                let _ = tokio::time::timeout_at(window, polling).await;
+                                let quiet = shared.rebalance_events.load(Ordering::SeqCst) == seen;
+                                if quiet && !shared.rebalancing.load(Ordering::SeqCst) {
+                                    return;
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout_at(deadline, steady).await;
                     });
                 }
                 drop(consumer);
+                drop(turn);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "could not close the consumer in the background");
