@@ -226,8 +226,8 @@ struct Shared {
     settled: Condvar,
     wake: tokio::sync::Notify,
     publisher: KafkaPublisher,
-    topic: String,
     group: String,
+    /// The origin topic first (key index 0), then the retry tiers.
     topics: Vec<Arc<str>>,
     tiers: RetryTiers,
     foreign_type: Text,
@@ -263,6 +263,11 @@ impl Shared {
             topic: u32::try_from(index).ok()?,
             partition,
         })
+    }
+
+    /// The topic this source consumes (retry tiers aside).
+    fn origin_topic(&self) -> &str {
+        &self.topics[0]
     }
 
     /// The name of a key's topic.
@@ -537,7 +542,6 @@ impl KafkaSourceBuilder {
             settled: Condvar::new(),
             wake: tokio::sync::Notify::new(),
             publisher,
-            topic: self.topic.clone(),
             group: self.group.clone(),
             topics: topics.clone(),
             tiers,
@@ -600,7 +604,7 @@ pub struct KafkaSource {
 impl std::fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSource")
-            .field("topic", &self.shared.topic)
+            .field("topic", &self.shared.origin_topic())
             .field("group", &self.shared.group)
             .finish_non_exhaustive()
     }
@@ -702,25 +706,19 @@ impl KafkaSource {
             // list allocation and a librdkafka call); auto-commit only picks
             // stored offsets up every `auto.commit.interval.ms` anyway.
             st.unclocked += 1;
-            let now = match st.last_store {
-                Some(at) if !woken && st.unclocked < CLOCK_EVERY => {
-                    // Not looked at the clock for this one: the earliest a
-                    // store can be due is still the wake-up time.
-                    store_at = Some(at + STORE_EVERY);
-                    None
-                }
-                _ => {
-                    st.unclocked = 0;
-                    Some(tokio::time::Instant::now())
-                }
-            };
-            if let Some(now) = now {
-                match st.last_store {
-                    Some(at) if now < at + STORE_EVERY => store_at = Some(at + STORE_EVERY),
-                    _ => {
-                        st.last_store = Some(now);
-                        self.store_advanced(&mut st);
-                    }
+            let next_store = st.last_store.map(|at| at + STORE_EVERY);
+            if next_store.is_some() && !woken && st.unclocked < CLOCK_EVERY {
+                // Not looking at the clock this time: the earliest a store
+                // can be due is still the wake-up time.
+                store_at = next_store;
+            } else {
+                st.unclocked = 0;
+                let now = tokio::time::Instant::now();
+                if next_store.is_some_and(|due| now < due) {
+                    store_at = next_store;
+                } else {
+                    st.last_store = Some(now);
+                    self.store_advanced(&mut st);
                 }
             }
         }
@@ -896,7 +894,7 @@ impl Source for KafkaSource {
     }
 
     fn destination(&self) -> &str {
-        &self.shared.topic
+        self.shared.origin_topic()
     }
 }
 
@@ -930,7 +928,25 @@ const JOIN_BEFORE_LEAVE: Duration = Duration::from_secs(30);
 
 /// Taken by a source closed before its first assignment while it waits for
 /// its group to be steady and leaves: one such leave at a time per process.
-static LEAVE_TURN: Mutex<()> = Mutex::new(());
+static LEAVE_TURN: AtomicBool = AtomicBool::new(false);
+
+/// Holding [`LEAVE_TURN`]; gives it back when dropped.
+struct LeaveTurn;
+
+impl LeaveTurn {
+    fn try_take() -> Option<LeaveTurn> {
+        LEAVE_TURN
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| LeaveTurn)
+    }
+}
+
+impl Drop for LeaveTurn {
+    fn drop(&mut self) {
+        LEAVE_TURN.store(false, Ordering::SeqCst);
+    }
+}
 
 impl Drop for KafkaSource {
     fn drop(&mut self) {
@@ -957,77 +973,69 @@ impl Drop for KafkaSource {
         let spawned = std::thread::Builder::new()
             .name("postbox-kafka-close".into())
             .spawn(move || {
-                let mut turn = None;
-                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                let turn = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
                     .build()
-                {
-                    rt.block_on(async {
-                        let deadline = tokio::time::Instant::now() + JOIN_BEFORE_LEAVE;
-                        let poll = || async {
-                            if let Ok(m) = consumer.recv().await {
-                                // Not tracked: never committed, re-read later.
-                                drop(m);
-                            }
-                        };
-                        let joined = async {
-                            while !shared.assigned.load(Ordering::SeqCst) {
-                                poll().await;
-                            }
-                        };
-                        if tokio::time::timeout_at(deadline, joined).await.is_err() {
-                            return;
-                        }
-                        // Wait for the turn polling (a member that does not
-                        // poll cannot take part in a rebalance and holds the
-                        // whole group up).
-                        let take_turn = async {
-                            loop {
-                                match LEAVE_TURN.try_lock() {
-                                    Ok(guard) => return guard,
-                                    Err(std::sync::TryLockError::Poisoned(e)) => {
-                                        return e.into_inner()
-                                    }
-                                    Err(std::sync::TryLockError::WouldBlock) => {
-                                        let wait = Duration::from_millis(50);
-                                        let _ = tokio::time::timeout(wait, poll()).await;
-                                    }
-                                }
-                            }
-                        };
-                        let Ok(guard) = tokio::time::timeout_at(deadline, take_turn).await else {
-                            return;
-                        };
-                        turn = Some(guard);
-                        // Steady: no rebalance event for two heartbeats (what it
-                        // takes to notice one the previous leave started).
-                        let settle = shared.heartbeat * 2;
-                        let steady = async {
-                            loop {
-                                let seen = shared.rebalance_events.load(Ordering::SeqCst);
-                                let window = tokio::time::Instant::now() + settle;
-                                let polling = async {
-                                    loop {
-                                        poll().await;
-                                    }
-                                };
-                                let _ = tokio::time::timeout_at(window, polling).await;
-                                let quiet = shared.rebalance_events.load(Ordering::SeqCst) == seen;
-                                if quiet && !shared.rebalancing.load(Ordering::SeqCst) {
-                                    return;
-                                }
-                            }
-                        };
-                        let _ = tokio::time::timeout_at(deadline, steady).await;
-                    });
-                }
-                drop(consumer);
+                    .ok()
+                    .and_then(|rt| rt.block_on(join_then_settle(&consumer, &shared)));
+                drop(consumer); // leaves the group
                 drop(turn);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "could not close the consumer in the background");
         }
     }
+}
+
+/// Polls a source closed before its first assignment for `d`, dropping the
+/// records (not tracked: never committed, re-read later), so it keeps taking
+/// part in the group's rebalances.
+async fn poll_for(consumer: &StreamConsumer<Ctx>, d: Duration) {
+    let polling = async {
+        loop {
+            drop(consumer.recv().await);
+        }
+    };
+    let _ = tokio::time::timeout(d, polling).await;
+}
+
+/// For a source closed before its first assignment: finishes the group join,
+/// takes this process's [`LEAVE_TURN`], then waits until no rebalance event
+/// came for two heartbeats (what it takes to notice one that the previous
+/// leave started), all within [`JOIN_BEFORE_LEAVE`]. Returns the turn, to be
+/// held until the consumer has left; `None` if the join did not finish or
+/// the turn did not come in time.
+async fn join_then_settle(consumer: &StreamConsumer<Ctx>, shared: &Shared) -> Option<LeaveTurn> {
+    let deadline = tokio::time::Instant::now() + JOIN_BEFORE_LEAVE;
+    let joined = async {
+        while !shared.assigned.load(Ordering::SeqCst) {
+            poll_for(consumer, Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout_at(deadline, joined).await.ok()?;
+    // Waits for the turn while polling: a member that does not poll cannot
+    // take part in a rebalance and holds the whole group up.
+    let take_turn = async {
+        loop {
+            match LeaveTurn::try_take() {
+                Some(turn) => return turn,
+                None => poll_for(consumer, Duration::from_millis(50)).await,
+            }
+        }
+    };
+    let turn = tokio::time::timeout_at(deadline, take_turn).await.ok()?;
+    let steady = async {
+        loop {
+            let seen = shared.rebalance_events.load(Ordering::SeqCst);
+            poll_for(consumer, shared.heartbeat * 2).await;
+            let quiet = shared.rebalance_events.load(Ordering::SeqCst) == seen;
+            if quiet && !shared.rebalancing.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, steady).await;
+    Some(turn)
 }
 
 /// One record handed to a handler.
@@ -1097,7 +1105,7 @@ impl Delivery for KafkaDelivery {
 
     fn origin(&self) -> Origin {
         Origin {
-            destination: self.shared.topic.clone(),
+            destination: self.shared.origin_topic().to_string(),
             partition: Some(self.origin_at.0),
             offset: Some(self.origin_at.1),
         }
@@ -1114,12 +1122,15 @@ impl Delivery for KafkaDelivery {
         let info = RetryInfo {
             due: Some(SystemTime::now() + retry.delay),
             origin: Some((
-                self.shared.topic.clone(),
+                self.shared.origin_topic().to_string(),
                 self.origin_at.0,
                 self.origin_at.1,
             )),
         };
-        let topic = self.shared.tiers.topic_for(&self.shared.topic, retry.delay);
+        let topic = self
+            .shared
+            .tiers
+            .topic_for(self.shared.origin_topic(), retry.delay);
         match self.shared.publisher.send(&topic, copy, Some(&info)).await {
             Ok(_) => {
                 // The copy is durable: only now is the original done.
