@@ -665,6 +665,18 @@ start_postgres() {
     local bindir
     bindir=$(pg_bindir) || { err postgres "PostgreSQL binaries not found"; return 1; }
     pg_prepare "$bindir" || return 1
+    # A postmaster.pid whose process is not a running postgres was left by a
+    # server that did not shut down (killed, machine restarted): remove it, or
+    # the wait below reads the dead pid and the start looks failed.
+    local pidfile="$PGDATA_DIR/postmaster.pid" old
+    if [[ -s "$pidfile" ]]; then
+        old=$(head -n1 "$pidfile")
+        if [[ ! "$old" =~ ^[0-9]+$ || "$(cat "/proc/$old/comm" 2>/dev/null)" != postgres ||
+            "$(awk '{print $3}' "/proc/$old/stat" 2>/dev/null)" == Z ]]; then
+            say "postgres: removing the stale postmaster.pid of pid $old (not running)"
+            rm -f "$pidfile"
+        fi
+    fi
     # -W: don't wait here, readiness is checked like for the others
     as_pg setsid "$bindir/pg_ctl" -D "$PGDATA_DIR" -l "$LOGS/postgres.log" -W start \
         >>"$LOGS/postgres.log" 2>&1 || { err postgres "pg_ctl start failed" "$LOGS/postgres.log"; return 1; }
