@@ -39,8 +39,11 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::future::Future as _;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use postbox_core::{
@@ -173,12 +176,6 @@ struct State {
     /// Revokes waiting on [`Shared::settled`] for in-flight work to finish.
     revoke_waiters: usize,
     next_gen: u64,
-    dirty: bool,
-    /// When watermarks were last handed to librdkafka.
-    last_store: Option<tokio::time::Instant>,
-    /// Calls of [`KafkaSource::take_ready`] since the clock was last read
-    /// for the store interval.
-    unclocked: u32,
     last_commit: Option<Instant>,
 }
 
@@ -219,6 +216,48 @@ impl State {
         }
         tpl
     }
+
+    /// How many deliveries wait in `requeued` and `parked`.
+    fn queued(&self) -> usize {
+        self.requeued.len() + self.parked.len()
+    }
+}
+
+/// When watermarks were last handed to librdkafka, and how often the source
+/// was polled since the clock was last read for that: touched only by the
+/// one [`Source::next`] running at a time, so atomics without contention.
+#[derive(Debug)]
+struct StoreClock {
+    base: tokio::time::Instant,
+    /// Nanoseconds after `base` of the last store; [`StoreClock::NEVER`] before.
+    last_ns: AtomicU64,
+    unclocked: AtomicU32,
+}
+
+impl StoreClock {
+    const NEVER: u64 = u64::MAX;
+
+    fn new() -> Self {
+        StoreClock {
+            base: tokio::time::Instant::now(),
+            last_ns: AtomicU64::new(Self::NEVER),
+            unclocked: AtomicU32::new(0),
+        }
+    }
+
+    /// When the next store may happen (`None` before the first).
+    fn next_store(&self) -> Option<tokio::time::Instant> {
+        match self.last_ns.load(Ordering::Relaxed) {
+            Self::NEVER => None,
+            ns => Some(self.base + Duration::from_nanos(ns) + STORE_EVERY),
+        }
+    }
+
+    fn stored_at(&self, now: tokio::time::Instant) {
+        let ns = u64::try_from(now.saturating_duration_since(self.base).as_nanos());
+        self.last_ns
+            .store(ns.unwrap_or(Self::NEVER - 1), Ordering::Relaxed);
+    }
 }
 
 struct Shared {
@@ -248,6 +287,13 @@ struct Shared {
     /// settle need to wake it (to store a watermark or hand out a re-queued
     /// delivery); otherwise its next call does that work anyway.
     waiting: AtomicBool,
+    /// Whether a watermark advanced since the last store (set under the state
+    /// lock; read without it while records flow).
+    dirty: AtomicBool,
+    /// [`State::queued`], kept up to date under the state lock, so that
+    /// [`Source::next`] looks at the state only when there is something there.
+    queued: AtomicUsize,
+    store_clock: StoreClock,
 }
 
 impl Shared {
@@ -294,7 +340,7 @@ impl Shared {
             }
         }
         if advanced {
-            st.dirty = true;
+            self.dirty.store(true, Ordering::SeqCst);
         }
         let revoke_waits = st.revoke_waiters > 0;
         drop(st);
@@ -327,6 +373,7 @@ impl Shared {
         };
         if current {
             st.requeued.push_back((pending, gen));
+            self.queued.store(st.queued(), Ordering::SeqCst);
         }
         let revoke_waits = st.revoke_waiters > 0;
         drop(st);
@@ -400,6 +447,7 @@ impl Shared {
             }
         }
         st.requeued.retain(|(p, _)| !keys.contains(&p.key));
+        self.queued.store(st.queued(), Ordering::SeqCst);
         drop(st);
         self.settled.notify_all();
         if paused.count() > 0 {
@@ -554,6 +602,9 @@ impl KafkaSourceBuilder {
             rebalance_events: AtomicU64::new(0),
             heartbeat,
             waiting: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            queued: AtomicUsize::new(0),
+            store_clock: StoreClock::new(),
         });
         let consumer: StreamConsumer<Ctx> = native
             .create_with_context(Ctx {
@@ -668,8 +719,9 @@ impl KafkaSource {
     }
 
     /// Stores advanced watermarks (and commits them when auto-commit is off).
-    fn store_advanced(&self, st: &mut State) {
-        st.dirty = false;
+    fn store_advanced(&self) {
+        let mut st = self.shared.lock();
+        self.shared.dirty.store(false, Ordering::SeqCst);
         let tpl = st.advanced(&self.shared.topics);
         if tpl.count() == 0 {
             return;
@@ -687,46 +739,58 @@ impl KafkaSource {
                     tracing::debug!(error = %e, "async commit failed");
                 }
             } else {
-                st.dirty = true;
+                self.shared.dirty.store(true, Ordering::SeqCst);
             }
         }
     }
 
+    /// Stores advanced watermarks if a store is due; else returns when it is
+    /// (`None`: nothing to store).
+    ///
+    /// At most every [`STORE_EVERY`] while records flow (a store is a list
+    /// allocation and a librdkafka call; auto-commit only picks stored
+    /// offsets up every `auto.commit.interval.ms` anyway). `woken`: the
+    /// caller waited since its last call (the clock is read then; while
+    /// records flow, only every [`CLOCK_EVERY`] calls).
+    fn store_if_due(&self, woken: bool) -> Option<tokio::time::Instant> {
+        if !self.shared.dirty.load(Ordering::SeqCst) {
+            return None;
+        }
+        let clock = &self.shared.store_clock;
+        let next_store = clock.next_store();
+        let unclocked = clock.unclocked.load(Ordering::Relaxed) + 1;
+        if next_store.is_some() && !woken && unclocked < CLOCK_EVERY {
+            // Not looking at the clock this time: the earliest a store can
+            // be due is still the wake-up time.
+            clock.unclocked.store(unclocked, Ordering::Relaxed);
+            return next_store;
+        }
+        clock.unclocked.store(0, Ordering::Relaxed);
+        let now = tokio::time::Instant::now();
+        if next_store.is_some_and(|due| now < due) {
+            return next_store;
+        }
+        clock.stored_at(now);
+        self.store_advanced();
+        None
+    }
+
     /// A delivery that is ready without polling (re-queued, or parked and
     /// due), or else when to look again: the next parked one is due, or
-    /// advanced watermarks are to be stored.
-    ///
-    /// `woken`: the caller waited since its last call (the clock is read
-    /// then; while records flow, only every [`CLOCK_EVERY`] calls).
+    /// advanced watermarks are to be stored. `woken`: see
+    /// [`KafkaSource::store_if_due`].
     fn take_ready(&self, woken: bool) -> Result<KafkaDelivery, Option<tokio::time::Instant>> {
-        let mut st = self.shared.lock();
-        let mut store_at = None;
-        if st.dirty {
-            // At most every STORE_EVERY while records flow (a store is a
-            // list allocation and a librdkafka call); auto-commit only picks
-            // stored offsets up every `auto.commit.interval.ms` anyway.
-            st.unclocked += 1;
-            let next_store = st.last_store.map(|at| at + STORE_EVERY);
-            if next_store.is_some() && !woken && st.unclocked < CLOCK_EVERY {
-                // Not looking at the clock this time: the earliest a store
-                // can be due is still the wake-up time.
-                store_at = next_store;
-            } else {
-                st.unclocked = 0;
-                let now = tokio::time::Instant::now();
-                if next_store.is_some_and(|due| now < due) {
-                    store_at = next_store;
-                } else {
-                    st.last_store = Some(now);
-                    self.store_advanced(&mut st);
-                }
-            }
+        let store_at = self.store_if_due(woken);
+        if self.shared.queued.load(Ordering::SeqCst) == 0 {
+            return Err(store_at);
         }
         let later = |due: Option<tokio::time::Instant>| match (due, store_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let mut st = self.shared.lock();
         while let Some((pending, gen)) = st.requeued.pop_front() {
+            self.shared.queued.store(st.queued(), Ordering::SeqCst);
             let Some(part) = st.parts.get_mut(&pending.key) else {
                 continue;
             };
@@ -749,6 +813,7 @@ impl KafkaSource {
             return Err(later(st.parked.values().map(|p| p.due).min()));
         };
         let parked = st.parked.remove(&due_key).expect("found above");
+        self.shared.queued.store(st.queued(), Ordering::SeqCst);
         let gen = st.hand_out(due_key, parked.pending.offset);
         drop(st);
         // Re-read from just after the held record, then fetch again.
@@ -781,10 +846,11 @@ impl KafkaSource {
     /// partition is parked and will be re-read).
     fn accept(&self, msg: &BorrowedMessage<'_>) -> Option<KafkaDelivery> {
         let shared = &self.shared;
-        let Some(key) = shared.key(msg.topic(), msg.partition()) else {
+        let topic = msg.topic();
+        let Some(key) = shared.key(topic, msg.partition()) else {
             // Not tracked, so never committed: whoever subscribes to it reads it.
             tracing::error!(
-                topic = msg.topic(),
+                topic,
                 partition = msg.partition(),
                 offset = msg.offset(),
                 "record of a topic this source did not subscribe to; not handled"
@@ -798,7 +864,7 @@ impl KafkaSource {
         }
         let offset = msg.offset();
         let record = RecordRef {
-            topic: msg.topic(),
+            topic,
             partition: msg.partition(),
             offset,
             key: msg.key(),
@@ -836,10 +902,9 @@ impl KafkaSource {
                             tracing::warn!(topic, partition, error = %e, "pausing a retry partition failed");
                         }
                         let due = tokio::time::Instant::now() + wait;
-                        self.shared
-                            .lock()
-                            .parked
-                            .insert(key, Parked { pending, due });
+                        let mut st = self.shared.lock();
+                        st.parked.insert(key, Parked { pending, due });
+                        self.shared.queued.store(st.queued(), Ordering::SeqCst);
                         return None;
                     }
                 }
@@ -856,13 +921,38 @@ impl Source for KafkaSource {
     async fn next(&mut self) -> Option<Result<KafkaDelivery, Error>> {
         let mut woken = false;
         loop {
-            self.shared.waiting.store(true, Ordering::SeqCst);
             let due = match self.take_ready(woken) {
+                Ok(d) => return Some(Ok(d)),
+                Err(due) => due,
+            };
+            let this = &*self;
+            let mut recv = pin!(this.consumer().recv());
+            // A record that is there is taken without arming the wake-up.
+            let ready = std::future::poll_fn(|cx| Poll::Ready(recv.as_mut().poll(cx))).await;
+            if let Poll::Ready(m) = ready {
+                match m {
+                    Ok(msg) => match this.accept(&msg) {
+                        Some(d) => return Some(Ok(d)),
+                        None => continue,
+                    },
+                    Err(e) => match consume_error(e) {
+                        Some(r) => return Some(r),
+                        None => continue,
+                    },
+                }
+            }
+            // About to wait: settles wake this from now on; one that came
+            // before the flag was up did not, so look again first.
+            this.shared.waiting.store(true, Ordering::SeqCst);
+            let due = match this.take_ready(true) {
                 Ok(d) => {
-                    self.shared.waiting.store(false, Ordering::SeqCst);
+                    this.shared.waiting.store(false, Ordering::SeqCst);
                     return Some(Ok(d));
                 }
-                Err(due) => due,
+                Err(again) => match (due, again) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                },
             };
             let timer = async move {
                 match due {
@@ -870,19 +960,18 @@ impl Source for KafkaSource {
                     None => std::future::pending().await,
                 }
             };
-            let this = &*self;
             // A record that is there wins; a wake-up only matters when idle.
             let accepted = tokio::select! {
                 biased;
-                m = this.consumer().recv() => match m {
+                m = recv => match m {
                     Ok(msg) => this.accept(&msg).map(Ok),
                     Err(e) => consume_error(e),
                 },
                 _ = this.shared.wake.notified() => None,
                 _ = timer => None,
             };
+            this.shared.waiting.store(false, Ordering::SeqCst);
             if let Some(r) = accepted {
-                self.shared.waiting.store(false, Ordering::SeqCst);
                 return Some(r);
             }
             woken = true;
