@@ -152,8 +152,9 @@ pub struct RecordRef<'a> {
 /// A decoded record: the envelope and the retry transport facts.
 #[derive(Debug, Clone)]
 pub struct Decoded {
-    /// The envelope.
-    pub envelope: Envelope,
+    /// The envelope (boxed: consumers hold it boxed, and it is written once
+    /// in place).
+    pub envelope: Box<Envelope>,
     /// Retry transport headers, if this is a retry copy.
     pub retry: RetryInfo,
     /// Whether the record was foreign (no CloudEvents headers, or broken ones).
@@ -213,7 +214,7 @@ pub fn decode<'a>(
             )),
             // The payload is set afterwards: a clone of a fresh `Bytes` would
             // allocate its shared header (the failure path needs it too).
-            None => binary::decode(attrs.as_slice().iter().copied(), Bytes::new()),
+            None => binary::decode_boxed(attrs.as_slice().iter().copied(), Bytes::new()),
         };
         match result {
             Ok(mut envelope) => {
@@ -304,7 +305,7 @@ fn foreign_envelope(
         .iter()
         .find(|(k, _)| *k == attr::DATACONTENTTYPE)
         .map(|(_, v)| Cow::Owned(v.to_string()));
-    let mut envelope = foreign::envelope(facts, payload);
+    let mut envelope = Box::new(foreign::envelope(facts, payload));
     envelope.key = record.key.map(|k| String::from_utf8_lossy(k).into_owned());
     for (name, value) in others {
         if is_reserved(name) {
@@ -368,7 +369,7 @@ mod tests {
         assert!(!names.contains(&"ce_datacontenttype".to_string()));
         let back = round_trip(&env, None);
         assert!(!back.foreign);
-        assert_eq!(back.envelope, env);
+        assert_eq!(*back.envelope, env);
     }
 
     #[test]
@@ -381,7 +382,7 @@ mod tests {
         };
         let back = round_trip(&env, Some(&info));
         assert_eq!(back.retry, info);
-        assert_eq!(back.envelope, env);
+        assert_eq!(*back.envelope, env);
     }
 
     #[test]
@@ -393,7 +394,7 @@ mod tests {
         let env = b.build();
         let back = round_trip(&env, None);
         assert!(!back.foreign);
-        assert_eq!(back.envelope, env);
+        assert_eq!(*back.envelope, env);
     }
 
     #[test]

@@ -886,7 +886,7 @@ impl KafkaSource {
         let pending = Pending {
             key,
             offset,
-            envelope: Box::new(decoded.envelope),
+            envelope: decoded.envelope,
             origin_at,
         };
         if is_retry {

@@ -251,15 +251,15 @@ pub(crate) fn envelope_of(m: &OwnedMessage) -> Envelope {
         payload: m.payload(),
     };
     let headers = m.headers();
-    codec::decode(
+    let decoded = codec::decode(
         rec,
         headers
             .into_iter()
             .flat_map(|h| h.iter())
             .map(|h| (h.key, h.value)),
         &std::borrow::Cow::Borrowed(postbox_core::codec::foreign::DEFAULT_FOREIGN_TYPE),
-    )
-    .envelope
+    );
+    *decoded.envelope
 }
 
 fn ops_consumer(config: &KafkaConfig, group: &str) -> Result<BaseConsumer, Error> {

@@ -97,10 +97,34 @@ pub fn decode<'a>(
     attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
     payload: Bytes,
 ) -> Result<Envelope, Error> {
-    let (mut spec, mut id, mut ty, mut source) = (None, None, None, None);
-    // Filled in place; the id, type and source are set once checked below
-    // (no fresh id is generated for an envelope that arrives with one).
-    let mut env = Envelope {
+    let mut env = blank(payload);
+    fill(&mut env, attrs)?;
+    Ok(env)
+}
+
+/// [`decode`] into a new box: for a consumer that keeps its envelopes boxed,
+/// so that the envelope is written once in place instead of being built and
+/// then moved (it is a few hundred bytes).
+///
+/// ```
+/// use postbox_core::codec::binary;
+/// let attrs = [("specversion", "1.0"), ("id", "1"), ("type", "order.placed"), ("source", "shop")];
+/// let env = binary::decode_boxed(attrs, bytes::Bytes::from_static(b"{}")).unwrap();
+/// assert_eq!(env.event_type, "order.placed");
+/// ```
+pub fn decode_boxed<'a>(
+    attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    payload: Bytes,
+) -> Result<Box<Envelope>, Error> {
+    let mut env = Box::new(blank(payload));
+    fill(&mut env, attrs)?;
+    Ok(env)
+}
+
+/// What [`fill`] starts from: no id, type or source yet (they are required,
+/// so [`fill`] sets them or fails), everything optional unset.
+fn blank(payload: Bytes) -> Envelope {
+    Envelope {
         id: MessageId::NIL,
         event_type: Cow::Borrowed(""),
         source: Cow::Borrowed(""),
@@ -116,7 +140,15 @@ pub fn decode<'a>(
         attempt: 1,
         headers: Default::default(),
         payload,
-    };
+    }
+}
+
+/// Sets the attributes on a [`blank`] envelope, in place.
+fn fill<'a>(
+    env: &mut Envelope,
+    attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<(), Error> {
+    let (mut spec, mut id, mut ty, mut source) = (None, None, None, None);
     for (name, value) in attrs {
         match name {
             attr::SPECVERSION => spec = Some(value),
@@ -166,7 +198,7 @@ pub fn decode<'a>(
     // envelope borrows them instead of allocating two strings per message.
     env.event_type = super::intern(nonempty(ty, attr::TYPE)?);
     env.source = super::intern(nonempty(source, attr::SOURCE)?);
-    Ok(env)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -183,6 +215,26 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.kind(), &ErrorKind::Decode);
         assert!(err.message().contains("`source`"));
+    }
+
+    #[test]
+    fn boxed_decode_is_the_same_decode() {
+        let env = Envelope::builder("order.placed")
+            .key("k")
+            .subject("s")
+            .header("tenant", "t1")
+            .payload(Bytes::from_static(b"{}"))
+            .build();
+        let attrs = encode(&env).unwrap();
+        let pairs = || attrs.iter().map(|(k, v)| (k.as_ref(), v.as_ref()));
+        let boxed = decode_boxed(pairs(), env.payload.clone()).unwrap();
+        assert_eq!(*boxed, decode(pairs(), env.payload.clone()).unwrap());
+        assert_eq!(*boxed, env);
+        let broken = [("specversion", "1.0"), ("id", "1"), ("type", "t")];
+        assert_eq!(
+            decode_boxed(broken, Bytes::new()).unwrap_err().kind(),
+            &ErrorKind::Decode
+        );
     }
 
     #[test]
