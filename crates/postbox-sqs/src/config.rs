@@ -145,6 +145,10 @@ impl Default for ConsumerOptions {
 
 impl ConsumerOptions {
     /// Sets the number of concurrent receivers (at least 1).
+    ///
+    /// An ack returns once SQS confirmed the delete, so a consumer worker is
+    /// held for that round trip too: for throughput, give the consumer a
+    /// concurrency of about twice `receivers × batch_size`.
     pub fn receivers(mut self, n: usize) -> Self {
         self.receivers = n.max(1);
         self

@@ -323,7 +323,9 @@ fn to_delivery(
 }
 
 /// Batches deletes: every ack waiting at this moment goes into one
-/// `DeleteMessageBatch` (up to 10), with `calls` calls in flight.
+/// `DeleteMessageBatch` (up to 10), with `calls` calls in flight. The batch
+/// is taken once a call may start, so acks that arrive while all calls are
+/// in flight share the next one instead of queueing as calls of one.
 async fn deleter(
     shared: std::sync::Weak<Shared>,
     mut rx: mpsc::Receiver<DeleteRequest>,
@@ -331,6 +333,12 @@ async fn deleter(
 ) {
     let calls = Arc::new(tokio::sync::Semaphore::new(calls));
     while let Some(first) = rx.recv().await {
+        let Ok(permit) = calls.clone().acquire_owned().await else {
+            let _ = first
+                .1
+                .send(Err(Error::new(ErrorKind::Closed, "the deleter stopped")));
+            return;
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -343,9 +351,6 @@ async fn deleter(
                 let _ = done.send(Err(Error::new(ErrorKind::Closed, "the source is closed")));
             }
             continue;
-        };
-        let Ok(permit) = calls.clone().acquire_owned().await else {
-            return;
         };
         tokio::spawn(async move {
             delete_batch(&shared, batch).await;
