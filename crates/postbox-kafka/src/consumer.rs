@@ -38,7 +38,7 @@
 //! uncommitted offset is re-read by the next owner.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future as _;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -96,7 +96,7 @@ struct Part {
     /// Changes on every (re)assignment; settles of an older one are ignored.
     gen: u64,
     /// Offsets handed out (or re-queued) and not done yet.
-    inflight: BTreeSet<i64>,
+    inflight: Offsets,
     /// One past the highest offset handed out.
     high: i64,
     /// The last watermark stored.
@@ -107,7 +107,38 @@ struct Part {
 
 impl Part {
     fn watermark(&self) -> i64 {
-        self.inflight.first().copied().unwrap_or(self.high)
+        self.inflight.first().unwrap_or(self.high)
+    }
+}
+
+/// A set of offsets, ascending: offsets are handed out in order and mostly
+/// settled in order, so inserting at the back and removing at the front are
+/// the common cases (no allocation per record, unlike a tree's nodes).
+#[derive(Debug, Default)]
+struct Offsets(VecDeque<i64>);
+
+impl Offsets {
+    fn insert(&mut self, offset: i64) {
+        match self.0.back() {
+            Some(&last) if last >= offset => {
+                if let Err(at) = self.0.binary_search(&offset) {
+                    self.0.insert(at, offset);
+                }
+            }
+            _ => self.0.push_back(offset),
+        }
+    }
+
+    fn first(&self) -> Option<i64> {
+        self.0.front().copied()
+    }
+
+    fn remove(&mut self, offset: i64) {
+        if self.0.front() == Some(&offset) {
+            self.0.pop_front();
+        } else if let Ok(at) = self.0.binary_search(&offset) {
+            self.0.remove(at);
+        }
     }
 }
 
@@ -186,7 +217,7 @@ impl State {
             *next_gen += 1;
             Part {
                 gen: *next_gen,
-                inflight: BTreeSet::new(),
+                inflight: Offsets::default(),
                 high: -1,
                 stored: -1,
                 outstanding: 0,
@@ -328,8 +359,8 @@ impl Shared {
         if let Some(part) = st.parts.get_mut(&key) {
             if part.gen == gen {
                 part.outstanding = part.outstanding.saturating_sub(1);
-                advanced = part.inflight.first() == Some(&offset);
-                part.inflight.remove(&offset);
+                advanced = part.inflight.first() == Some(offset);
+                part.inflight.remove(offset);
             } else {
                 tracing::debug!(
                     topic = self.topic_of(key),
@@ -1247,5 +1278,28 @@ impl Delivery for KafkaDelivery {
 impl Drop for KafkaDelivery {
     fn drop(&mut self) {
         self.requeue();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Offsets;
+
+    #[test]
+    fn offsets_stay_ascending_and_distinct_in_any_order() {
+        let mut o = Offsets::default();
+        for x in [5, 6, 9, 7, 6, 1] {
+            o.insert(x);
+        }
+        assert_eq!(o.0, [1, 5, 6, 7, 9]);
+        o.remove(7);
+        o.remove(1);
+        o.remove(42);
+        assert_eq!(o.first(), Some(5));
+        assert_eq!(o.0, [5, 6, 9]);
+        for x in [5, 6, 9] {
+            o.remove(x);
+        }
+        assert_eq!(o.first(), None);
     }
 }
