@@ -670,9 +670,8 @@ start_postgres() {
     # the wait below reads the dead pid and the start looks failed.
     local pidfile="$PGDATA_DIR/postmaster.pid" old
     if [[ -s "$pidfile" ]]; then
-        old=$(head -n1 "$pidfile")
-        if [[ ! "$old" =~ ^[0-9]+$ || "$(cat "/proc/$old/comm" 2>/dev/null)" != postgres ||
-            "$(awk '{print $3}' "/proc/$old/stat" 2>/dev/null)" == Z ]]; then
+        old=$(head -n1 "$pidfile" | tr -dc '0-9')
+        if ! pid_is "$old" postgres; then
             say "postgres: removing the stale postmaster.pid of pid $old (not running)"
             rm -f "$pidfile"
         fi
