@@ -342,6 +342,12 @@ impl Shared {
         })
     }
 
+    /// Brings [`Shared::queued`] in step with the state (call under its lock
+    /// after changing `requeued` or `parked`).
+    fn note_queued(&self, st: &State) {
+        self.queued.store(st.queued(), Ordering::SeqCst);
+    }
+
     /// The topic this source consumes (retry tiers aside).
     fn origin_topic(&self) -> &str {
         &self.topics[0]
@@ -404,7 +410,7 @@ impl Shared {
         };
         if current {
             st.requeued.push_back((pending, gen));
-            self.queued.store(st.queued(), Ordering::SeqCst);
+            self.note_queued(&st);
         }
         let revoke_waits = st.revoke_waiters > 0;
         drop(st);
@@ -478,7 +484,7 @@ impl Shared {
             }
         }
         st.requeued.retain(|(p, _)| !keys.contains(&p.key));
-        self.queued.store(st.queued(), Ordering::SeqCst);
+        self.note_queued(&st);
         drop(st);
         self.settled.notify_all();
         if paused.count() > 0 {
@@ -815,13 +821,9 @@ impl KafkaSource {
         if self.shared.queued.load(Ordering::SeqCst) == 0 {
             return Err(store_at);
         }
-        let later = |due: Option<tokio::time::Instant>| match (due, store_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
         let mut st = self.shared.lock();
         while let Some((pending, gen)) = st.requeued.pop_front() {
-            self.shared.queued.store(st.queued(), Ordering::SeqCst);
+            self.shared.note_queued(&st);
             let Some(part) = st.parts.get_mut(&pending.key) else {
                 continue;
             };
@@ -841,10 +843,10 @@ impl KafkaSource {
             .find(|(_, p)| p.due <= now)
             .map(|(k, _)| *k)
         else {
-            return Err(later(st.parked.values().map(|p| p.due).min()));
+            return Err(earliest(st.parked.values().map(|p| p.due).min(), store_at));
         };
         let parked = st.parked.remove(&due_key).expect("found above");
-        self.shared.queued.store(st.queued(), Ordering::SeqCst);
+        self.shared.note_queued(&st);
         let gen = st.hand_out(due_key, parked.pending.offset);
         drop(st);
         // Re-read from just after the held record, then fetch again.
@@ -935,7 +937,7 @@ impl KafkaSource {
                         let due = tokio::time::Instant::now() + wait;
                         let mut st = self.shared.lock();
                         st.parked.insert(key, Parked { pending, due });
-                        self.shared.queued.store(st.queued(), Ordering::SeqCst);
+                        self.shared.note_queued(&st);
                         return None;
                     }
                 }
@@ -980,10 +982,7 @@ impl Source for KafkaSource {
                     this.shared.waiting.store(false, Ordering::SeqCst);
                     return Some(Ok(d));
                 }
-                Err(again) => match (due, again) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                },
+                Err(again) => earliest(due, again),
             };
             let timer = async move {
                 match due {
@@ -1031,6 +1030,17 @@ fn consume_error(e: KafkaError) -> Option<Result<KafkaDelivery, Error>> {
     } else {
         tracing::warn!(error = %e, "Kafka consumer error (librdkafka recovers by itself)");
         None
+    }
+}
+
+/// The earlier of two wake-up times (`None`: no wake-up).
+fn earliest(
+    a: Option<tokio::time::Instant>,
+    b: Option<tokio::time::Instant>,
+) -> Option<tokio::time::Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
