@@ -104,15 +104,50 @@ impl From<&str> for MessageId {
         // 36 characters that parse are the hyphenated form; in lower case they
         // are already the canonical rendering, so they are kept as they came
         // (no second rendering of the parsed value).
-        if s.len() == 36 && !s.bytes().any(|b| b.is_ascii_uppercase()) {
-            if let Ok(uuid) = Uuid::try_parse(s) {
-                let mut buf = [0u8; 36];
-                buf.copy_from_slice(s.as_bytes());
-                return MessageId(Repr::Uuid(uuid, buf));
+        if let Ok(text) = <[u8; 36]>::try_from(s.as_bytes()) {
+            if let Some(uuid) = parse_lower_hyphenated(&text) {
+                return MessageId(Repr::Uuid(uuid, text));
             }
         }
         MessageId(Repr::Text(Arc::from(s)))
     }
+}
+
+/// A UUID in its canonical text form (hyphenated, lower-case hex digits);
+/// `None` for anything else.
+fn parse_lower_hyphenated(text: &[u8; 36]) -> Option<Uuid> {
+    /// Where each of the 16 bytes' two hex digits start.
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+    /// The value of a lower-case hex digit; 0xFF for any other byte.
+    const NIBBLE: [u8; 256] = {
+        let mut t = [0xFF; 256];
+        let mut c = 0;
+        while c < 10 {
+            t[b'0' as usize + c] = c as u8;
+            c += 1;
+        }
+        let mut c = 0;
+        while c < 6 {
+            t[b'a' as usize + c] = 10 + c as u8;
+            c += 1;
+        }
+        t
+    };
+    if text[8] != b'-' || text[13] != b'-' || text[18] != b'-' || text[23] != b'-' {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    // Any byte that is not a digit sets the high bits here.
+    let mut bad = 0u8;
+    for (byte, &at) in bytes.iter_mut().zip(&AT) {
+        let (hi, lo) = (
+            NIBBLE[usize::from(text[at])],
+            NIBBLE[usize::from(text[at + 1])],
+        );
+        bad |= hi | lo;
+        *byte = (hi << 4) | (lo & 0x0F);
+    }
+    (bad & 0xF0 == 0).then(|| Uuid::from_bytes(bytes))
 }
 
 impl From<String> for MessageId {
@@ -447,6 +482,26 @@ mod tests {
         assert_eq!(shifted.len(), 36);
         assert_eq!(MessageId::from(shifted.as_str()).as_str(), shifted);
         assert_eq!(MessageId::NIL, MessageId::from_uuid(Uuid::nil()));
+    }
+
+    proptest::proptest! {
+        /// The canonical-form parser reads exactly what the `uuid` crate
+        /// reads, among 36-character texts in lower case.
+        #[test]
+        fn canonical_ids_parse_as_the_uuid_crate_does(
+            text in "[0-9a-fA-F-]{8}-[0-9a-gA-G-]{4}-[0-9a-f]{4}[-x][0-9a-f]{4}-[0-9a-f]{12}",
+            bytes in proptest::array::uniform16(proptest::num::u8::ANY),
+        ) {
+            let expected = Uuid::try_parse(&text)
+                .ok()
+                .filter(|_| !text.bytes().any(|b| b.is_ascii_uppercase()));
+            let id = MessageId::from(text.as_str());
+            proptest::prop_assert_eq!(id.as_uuid(), expected);
+            proptest::prop_assert_eq!(id.as_str(), text.as_str());
+            let u = Uuid::from_bytes(bytes);
+            let canonical = u.hyphenated().to_string();
+            proptest::prop_assert_eq!(MessageId::from(canonical.as_str()).as_uuid(), Some(u));
+        }
     }
 
     #[test]

@@ -168,7 +168,7 @@ pub fn decode<'a>(
     headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
     foreign_type: &Text,
 ) -> Decoded {
-    let mut attrs = Attrs::default();
+    let mut attrs = binary::Attributes::default();
     let mut others: Vec<(&str, Option<&[u8]>)> = Vec::new();
     let mut retry = RetryInfo::default();
     let mut has_ce = false;
@@ -178,13 +178,13 @@ pub fn decode<'a>(
         if let Some(a) = binary::strip_prefix(name, CE_PREFIX) {
             has_ce = true;
             match value.map(std::str::from_utf8) {
-                Some(Ok(v)) => attrs.push((a, v)),
+                Some(Ok(v)) => attrs.set(a, v),
                 Some(Err(_)) => bad_utf8 = Some(name),
                 None => {}
             }
         } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
             if let Some(Ok(v)) = value.map(std::str::from_utf8) {
-                attrs.push((attr::DATACONTENTTYPE, v));
+                attrs.datacontenttype = Some(v);
             }
         } else if name == RETRY_DUE {
             retry.due = value
@@ -214,7 +214,7 @@ pub fn decode<'a>(
             )),
             // The payload is set afterwards: a clone of a fresh `Bytes` would
             // allocate its shared header (the failure path needs it too).
-            None => binary::decode_boxed(attrs.as_slice().iter().copied(), Bytes::new()),
+            None => attrs.decode_boxed(Bytes::new()),
         };
         match result {
             Ok(mut envelope) => {
@@ -229,8 +229,8 @@ pub fn decode<'a>(
                 };
             }
             Err(e) => {
-                let mut d =
-                    foreign_envelope(record, &others, attrs.as_slice(), payload, foreign_type);
+                let content_type = attrs.datacontenttype;
+                let mut d = foreign_envelope(record, &others, content_type, payload, foreign_type);
                 d.envelope
                     .headers
                     .insert(DECODE_ERROR.to_string(), e.to_string());
@@ -238,50 +238,8 @@ pub fn decode<'a>(
             }
         }
     }
-    foreign_envelope(record, &others, attrs.as_slice(), payload, foreign_type)
-}
-
-/// The CloudEvents attributes of one record: on the stack up to
-/// [`Attrs::INLINE`] (a postbox record has at most 14), on the heap beyond,
-/// so decoding a record allocates nothing for them.
-struct Attrs<'a> {
-    inline: [(&'a str, &'a str); Attrs::INLINE],
-    len: usize,
-    spilled: Vec<(&'a str, &'a str)>,
-}
-
-impl Default for Attrs<'_> {
-    fn default() -> Self {
-        Attrs {
-            inline: [("", ""); Attrs::INLINE],
-            len: 0,
-            spilled: Vec::new(),
-        }
-    }
-}
-
-impl<'a> Attrs<'a> {
-    const INLINE: usize = 16;
-
-    fn push(&mut self, attr: (&'a str, &'a str)) {
-        if self.len < Self::INLINE {
-            self.inline[self.len] = attr;
-            self.len += 1;
-        } else {
-            if self.spilled.is_empty() {
-                self.spilled.extend_from_slice(&self.inline);
-            }
-            self.spilled.push(attr);
-        }
-    }
-
-    fn as_slice(&self) -> &[(&'a str, &'a str)] {
-        if self.spilled.is_empty() {
-            &self.inline[..self.len]
-        } else {
-            &self.spilled
-        }
-    }
+    let content_type = attrs.datacontenttype;
+    foreign_envelope(record, &others, content_type, payload, foreign_type)
 }
 
 fn utf8_parse<T: std::str::FromStr>(v: Option<&[u8]>) -> Option<T> {
@@ -292,7 +250,7 @@ fn utf8_parse<T: std::str::FromStr>(v: Option<&[u8]>) -> Option<T> {
 fn foreign_envelope(
     record: RecordRef<'_>,
     others: &[(&str, Option<&[u8]>)],
-    attrs: &[(&str, &str)],
+    content_type: Option<&str>,
     payload: Bytes,
     foreign_type: &Text,
 ) -> Decoded {
@@ -301,10 +259,7 @@ fn foreign_envelope(
         Cow::Owned(record.topic.to_string()),
     );
     facts.event_type = foreign_type.clone();
-    facts.content_type = attrs
-        .iter()
-        .find(|(k, _)| *k == attr::DATACONTENTTYPE)
-        .map(|(_, v)| Cow::Owned(v.to_string()));
+    facts.content_type = content_type.map(|v| Cow::Owned(v.to_string()));
     let mut envelope = Box::new(foreign::envelope(facts, payload));
     envelope.key = record.key.map(|k| String::from_utf8_lossy(k).into_owned());
     for (name, value) in others {
@@ -386,9 +341,9 @@ mod tests {
     }
 
     #[test]
-    fn records_with_more_attributes_than_fit_inline_round_trip() {
+    fn records_with_many_user_headers_round_trip() {
         let mut b = Envelope::builder("order.placed").key("k").subject("s");
-        for i in 0..(Attrs::INLINE + 8) {
+        for i in 0..24 {
             b = b.header(format!("h{i:02}"), format!("v{i}"));
         }
         let env = b.build();

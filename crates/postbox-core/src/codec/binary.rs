@@ -97,8 +97,12 @@ pub fn decode<'a>(
     attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
     payload: Bytes,
 ) -> Result<Envelope, Error> {
+    let mut a = Attributes::default();
+    for (name, value) in attrs {
+        a.set(name, value);
+    }
     let mut env = blank(payload);
-    fill(&mut env, attrs)?;
+    a.apply(&mut env)?;
     Ok(env)
 }
 
@@ -116,13 +120,170 @@ pub fn decode_boxed<'a>(
     attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
     payload: Bytes,
 ) -> Result<Box<Envelope>, Error> {
-    let mut env = Box::new(blank(payload));
-    fill(&mut env, attrs)?;
-    Ok(env)
+    let mut a = Attributes::default();
+    for (name, value) in attrs {
+        a.set(name, value);
+    }
+    a.decode_boxed(payload)
 }
 
-/// What [`fill`] starts from: no id, type or source yet (they are required,
-/// so [`fill`] sets them or fails), everything optional unset.
+/// The attributes of one message, borrowed from its headers, one slot per
+/// CloudEvents attribute: what an adapter's walk over the headers fills in a
+/// single pass (a slot by its name where it knows it, [`Attributes::set`]
+/// otherwise), without a list of pairs in between, and
+/// [`Attributes::decode_boxed`] turns into an envelope (the same rules as
+/// [`decode`]). A repeated attribute keeps its last value.
+///
+/// ```
+/// use postbox_core::codec::binary::Attributes;
+/// let mut a = Attributes::default();
+/// a.specversion = Some("1.0");
+/// a.id = Some("1");
+/// a.set("type", "order.placed");
+/// a.set("source", "shop");
+/// a.set("tenant", "acme"); // not an attribute: a user header
+/// let env = a.decode_boxed(bytes::Bytes::new()).unwrap();
+/// assert_eq!(env.headers["tenant"], "acme");
+/// ```
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Attributes<'a> {
+    /// `specversion`.
+    pub specversion: Option<&'a str>,
+    /// `id`.
+    pub id: Option<&'a str>,
+    /// `type`.
+    pub event_type: Option<&'a str>,
+    /// `source`.
+    pub source: Option<&'a str>,
+    /// `time`.
+    pub time: Option<&'a str>,
+    /// `datacontenttype`.
+    pub datacontenttype: Option<&'a str>,
+    /// `subject`.
+    pub subject: Option<&'a str>,
+    /// `dataversion`.
+    pub dataversion: Option<&'a str>,
+    /// `correlationid`.
+    pub correlationid: Option<&'a str>,
+    /// `causationid`.
+    pub causationid: Option<&'a str>,
+    /// `partitionkey`.
+    pub partitionkey: Option<&'a str>,
+    /// `traceparent`.
+    pub traceparent: Option<&'a str>,
+    /// `tracestate`.
+    pub tracestate: Option<&'a str>,
+    /// `attempt`.
+    pub attempt: Option<&'a str>,
+    /// Anything else: user headers.
+    pub extensions: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Attributes<'a> {
+    /// Sets the attribute `name` (prefix already stripped); a name that is
+    /// not an envelope attribute is a user header.
+    #[inline]
+    pub fn set(&mut self, name: &'a str, value: &'a str) {
+        let slot = match name {
+            attr::SPECVERSION => &mut self.specversion,
+            attr::ID => &mut self.id,
+            attr::TYPE => &mut self.event_type,
+            attr::SOURCE => &mut self.source,
+            attr::TIME => &mut self.time,
+            attr::DATACONTENTTYPE => &mut self.datacontenttype,
+            attr::SUBJECT => &mut self.subject,
+            attr::DATAVERSION => &mut self.dataversion,
+            attr::CORRELATIONID => &mut self.correlationid,
+            attr::CAUSATIONID => &mut self.causationid,
+            attr::PARTITIONKEY => &mut self.partitionkey,
+            attr::TRACEPARENT => &mut self.traceparent,
+            attr::TRACESTATE => &mut self.tracestate,
+            attr::ATTEMPT => &mut self.attempt,
+            _ => {
+                self.extensions.push((name, value));
+                return;
+            }
+        };
+        *slot = Some(value);
+    }
+
+    /// The envelope, in a new box (written in place, see [`decode_boxed`]).
+    pub fn decode_boxed(&self, payload: Bytes) -> Result<Box<Envelope>, Error> {
+        let mut env = Box::new(blank(payload));
+        self.apply(&mut env)?;
+        Ok(env)
+    }
+
+    /// Sets the attributes on a [`blank`] envelope, in place.
+    fn apply(&self, env: &mut Envelope) -> Result<(), Error> {
+        match self.specversion {
+            Some(SPEC_VERSION) => {}
+            Some(other) => {
+                return Err(decode_error(format!(
+                    "unsupported CloudEvents specversion {other:?}"
+                )))
+            }
+            None => return Err(decode_error("required attribute `specversion` is missing")),
+        }
+        let nonempty = |v: Option<&'a str>, name: &str| -> Result<&'a str, Error> {
+            match v {
+                Some(s) if !s.is_empty() => Ok(s),
+                Some(_) => Err(decode_error(format!(
+                    "required attribute `{name}` is empty"
+                ))),
+                None => Err(decode_error(format!(
+                    "required attribute `{name}` is missing"
+                ))),
+            }
+        };
+        let id = nonempty(self.id, attr::ID)?;
+        let ty = nonempty(self.event_type, attr::TYPE)?;
+        let source = nonempty(self.source, attr::SOURCE)?;
+        if let Some(t) = self.time {
+            env.time = Some(parse_time(t)?);
+        }
+        if let Some(a) = self.attempt {
+            env.attempt = parse_attempt(a)?;
+        }
+        match self.datacontenttype {
+            None => {}
+            Some(crate::envelope::JSON) => {
+                env.content_type = Cow::Borrowed(crate::envelope::JSON);
+            }
+            Some(ct) => env.content_type = super::intern(ct),
+        }
+        // Only what is there is written: the rest stays as `blank` left it.
+        let optional = [
+            (self.subject, &mut env.subject),
+            (self.correlationid, &mut env.correlation_id),
+            (self.causationid, &mut env.causation_id),
+            (self.partitionkey, &mut env.key),
+            (self.traceparent, &mut env.traceparent),
+            (self.tracestate, &mut env.tracestate),
+        ];
+        for (value, field) in optional {
+            if let Some(v) = value {
+                *field = Some(v.to_string());
+            }
+        }
+        if let Some(v) = self.dataversion {
+            env.schema_version = Some(super::intern(v));
+        }
+        for (name, value) in &self.extensions {
+            env.headers.insert(name.to_string(), value.to_string());
+        }
+        env.id = MessageId::from(id);
+        // Few distinct values, decoded over and over: interned (bounded), so the
+        // envelope borrows them instead of allocating two strings per message.
+        env.event_type = super::intern(ty);
+        env.source = super::intern(source);
+        Ok(())
+    }
+}
+
+/// What [`Attributes::apply`] starts from: no id, type or source yet (they
+/// are required, so it sets them or fails), everything optional unset.
 fn blank(payload: Bytes) -> Envelope {
     Envelope {
         id: MessageId::NIL,
@@ -141,64 +302,6 @@ fn blank(payload: Bytes) -> Envelope {
         headers: Default::default(),
         payload,
     }
-}
-
-/// Sets the attributes on a [`blank`] envelope, in place.
-fn fill<'a>(
-    env: &mut Envelope,
-    attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
-) -> Result<(), Error> {
-    let (mut spec, mut id, mut ty, mut source) = (None, None, None, None);
-    for (name, value) in attrs {
-        match name {
-            attr::SPECVERSION => spec = Some(value),
-            attr::ID => id = Some(value),
-            attr::TYPE => ty = Some(value),
-            attr::SOURCE => source = Some(value),
-            attr::TIME => env.time = Some(parse_time(value)?),
-            attr::DATACONTENTTYPE if value == crate::envelope::JSON => {
-                env.content_type = Cow::Borrowed(crate::envelope::JSON);
-            }
-            attr::DATACONTENTTYPE => env.content_type = super::intern(value),
-            attr::SUBJECT => env.subject = Some(value.to_string()),
-            attr::DATAVERSION => env.schema_version = Some(super::intern(value)),
-            attr::CORRELATIONID => env.correlation_id = Some(value.to_string()),
-            attr::CAUSATIONID => env.causation_id = Some(value.to_string()),
-            attr::PARTITIONKEY => env.key = Some(value.to_string()),
-            attr::TRACEPARENT => env.traceparent = Some(value.to_string()),
-            attr::TRACESTATE => env.tracestate = Some(value.to_string()),
-            attr::ATTEMPT => env.attempt = parse_attempt(value)?,
-            _ => {
-                env.headers.insert(name.to_string(), value.to_string());
-            }
-        }
-    }
-    match spec {
-        Some(SPEC_VERSION) => {}
-        Some(other) => {
-            return Err(decode_error(format!(
-                "unsupported CloudEvents specversion {other:?}"
-            )))
-        }
-        None => return Err(decode_error("required attribute `specversion` is missing")),
-    }
-    let nonempty = |v: Option<&'a str>, name: &str| -> Result<&'a str, Error> {
-        match v {
-            Some(s) if !s.is_empty() => Ok(s),
-            Some(_) => Err(decode_error(format!(
-                "required attribute `{name}` is empty"
-            ))),
-            None => Err(decode_error(format!(
-                "required attribute `{name}` is missing"
-            ))),
-        }
-    };
-    env.id = MessageId::from(nonempty(id, attr::ID)?);
-    // Few distinct values, decoded over and over: interned (bounded), so the
-    // envelope borrows them instead of allocating two strings per message.
-    env.event_type = super::intern(nonempty(ty, attr::TYPE)?);
-    env.source = super::intern(nonempty(source, attr::SOURCE)?);
-    Ok(())
 }
 
 #[cfg(test)]

@@ -139,34 +139,55 @@ pub fn parse_time(s: &str) -> Result<SystemTime, Error> {
 /// (offsets, lower-case `t`/`z`, leap seconds, out of range) returns `None`
 /// and goes through the general parser, which also produces the error.
 fn parse_utc_fast(b: &[u8]) -> Option<SystemTime> {
-    fn digits(b: &[u8]) -> Option<u32> {
-        b.iter().try_fold(0u32, |n, &c| {
-            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
-        })
-    }
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
+    /// Where the digits of `YYYY-MM-DDTHH:MM:SS` are.
+    const DIGITS: [usize; 14] = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18];
+    /// 10^(9 - n): what a fraction of n digits is multiplied by.
+    const SCALE: [u32; 10] = [
+        1_000_000_000,
+        100_000_000,
+        10_000_000,
+        1_000_000,
+        100_000,
+        10_000,
+        1_000,
+        100,
+        10,
+        1,
+    ];
+    let (head, rest) = b.split_first_chunk::<19>()?;
+    let digit = |i: usize| u32::from(head[i].wrapping_sub(b'0'));
+    if DIGITS.iter().any(|&i| digit(i) > 9)
+        || head[4] != b'-'
+        || head[7] != b'-'
+        || head[10] != b'T'
+        || head[13] != b':'
+        || head[16] != b':'
     {
         return None;
     }
-    let (year, month, day) = (digits(&b[0..4])?, digits(&b[5..7])?, digits(&b[8..10])?);
-    let (hour, minute, second) = (
-        digits(&b[11..13])?,
-        digits(&b[14..16])?,
-        digits(&b[17..19])?,
-    );
-    let rest = &b[19..];
+    let two = |i: usize| digit(i) * 10 + digit(i + 1);
+    let year = two(0) * 100 + two(2);
+    let (month, day) = (two(5), two(8));
+    let (hour, minute, second) = (two(11), two(14), two(17));
     let (fraction, zone) = match rest.split_first()? {
         (b'.', tail) => {
-            let n = tail.iter().take_while(|c| c.is_ascii_digit()).count();
-            if n == 0 || n > 9 {
+            // One to nine digits, read in one pass.
+            let (mut f, mut n) = (0u32, 0usize);
+            for &c in tail {
+                let d = c.wrapping_sub(b'0');
+                if d > 9 {
+                    break;
+                }
+                if n == 9 {
+                    return None;
+                }
+                f = f * 10 + u32::from(d);
+                n += 1;
+            }
+            if n == 0 {
                 return None;
             }
-            (digits(&tail[..n])? * 10u32.pow(9 - n as u32), &tail[n..])
+            (f * SCALE[n], &tail[n..])
         }
         _ => (0, rest),
     };
@@ -197,20 +218,19 @@ fn parse_utc_fast(b: &[u8]) -> Option<SystemTime> {
     if day == 0 || day > month_days[month as usize - 1] {
         return None;
     }
-    // Days since 1970-01-01 of a proleptic Gregorian date (March-based year).
+    // Days since 1970-01-01 of a proleptic Gregorian date (March-based year;
+    // the year is at least 1969 here, so all of it is unsigned).
     let (y, m) = if month <= 2 {
-        (i64::from(year) - 1, month + 9)
+        (u64::from(year) - 1, month + 9)
     } else {
-        (i64::from(year), month - 3)
+        (u64::from(year), month - 3)
     };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * i64::from(m) + 2) / 5 + i64::from(day) - 1;
+    let (era, yoe) = (y / 400, y % 400);
+    let doy = (153 * u64::from(m) + 2) / 5 + u64::from(day) - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second);
-    let since = std::time::Duration::new(u64::try_from(secs).ok()?, fraction);
-    SystemTime::UNIX_EPOCH.checked_add(since)
+    let secs = days * 86_400 + u64::from(hour * 3600 + minute * 60 + second);
+    SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::new(secs, fraction))
 }
 
 pub(crate) fn parse_attempt(s: &str) -> Result<u32, Error> {
