@@ -1045,6 +1045,10 @@ export AWS_SECRET_ACCESS_KEY=test
 export DATABASE_URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB
 EOF
     if [[ -n "$emu" ]]; then echo "export POSTBOX_AWS_EMULATOR=$emu"; fi
+    # The broker binary itself, for tests that run a Kafka broker of their own
+    # (one they can cut off, without disturbing the shared one).
+    local tansu
+    if tansu=$(tansu_bin 2>/dev/null); then echo "export POSTBOX_TANSU_BIN=$tansu"; fi
 }
 
 usage() {

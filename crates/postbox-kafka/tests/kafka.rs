@@ -1,5 +1,6 @@
 //! Kafka-specific behaviour: offsets under concurrency, restarts, retry
-//! topics, dead letters, foreign records, limits (against tansu), and
+//! topics, dead letters, foreign records, limits (against tansu), a broker
+//! process cut off mid-stream (a tansu of the test's own behind a proxy), and
 //! failures injected on librdkafka's mock cluster (broker down, request
 //! errors, rebalance and outage mid-stream).
 
@@ -19,7 +20,7 @@ use postbox_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use postbox_kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use postbox_kafka::{KafkaConfig, KafkaDelivery, KafkaOps, KafkaPublisher, KafkaSource};
 use postbox_testkit::{Behaviour, HandlerSpy};
-use support::{tansu_or_skip, KafkaHarness};
+use support::{tansu_or_skip, KafkaHarness, OwnTansu};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -519,6 +520,70 @@ async fn broker_outage_mid_stream_loses_nothing() {
     producer.await.unwrap();
     wait_distinct(&spy, 1000, Duration::from_secs(60)).await;
     running.shutdown().await.unwrap();
+}
+
+/// The broker process is cut off mid-stream — every connection closed, new
+/// ones refused — for longer than the session time-out (so the group drops
+/// the member), then comes back with its storage: the publisher retries, the
+/// consumer rejoins and resumes, nothing is lost, and after the close every
+/// offset is committed (lag 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_broker_cut_off_mid_stream_loses_nothing() {
+    let Some(tansu) = OwnTansu::start("real_broker_cut_off_mid_stream_loses_nothing").await else {
+        return;
+    };
+    let h = Arc::new(KafkaHarness::tansu(&tansu.bootstrap(), 2));
+    let t = topic("cut-off");
+    h.create(&t).await.unwrap();
+    let spy = HandlerSpy::new();
+    let running = Consumer::builder(h.source(&t, "g").await.unwrap(), spy.clone())
+        .concurrency(4)
+        .dead_letter(DeadLetterRouter::new(Arc::new(h.publisher.clone())))
+        .build()
+        .unwrap()
+        .spawn();
+    let first: Vec<Envelope> = (0..500).map(|i| order(i, &format!("k{i}"))).collect();
+    publish(&h, &t, &first).await;
+    wait_distinct(&spy, 200, WAIT).await;
+    tansu.proxy.cut();
+    let producer = {
+        let (h, t) = (h.clone(), t.clone());
+        tokio::spawn(async move {
+            let second: Vec<Envelope> = (500..1000).map(|i| order(i, &format!("k{i}"))).collect();
+            publish(&h, &t, &second).await;
+        })
+    };
+    // Longer than session.timeout.ms (6 s): the coordinator expires the member.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    // The cut is real: nothing of the second half got through it.
+    assert!(
+        !producer.is_finished(),
+        "published through a cut-off broker"
+    );
+    let seq = |c: &postbox_testkit::Call| c.envelope.headers["seq"].parse::<usize>().unwrap();
+    let during = spy
+        .successes()
+        .iter()
+        .map(seq)
+        .filter(|s| *s >= 500)
+        .count();
+    assert_eq!(during, 0, "consumed through a cut-off broker");
+    tansu.proxy.restore();
+    producer.await.unwrap();
+    wait_distinct(&spy, 1000, Duration::from_secs(90)).await;
+    running.shutdown().await.unwrap();
+    let seen: BTreeSet<String> = spy
+        .successes()
+        .iter()
+        .map(|c| c.envelope.headers["seq"].clone())
+        .collect();
+    assert_eq!(seen.len(), 1000);
+    let lag = h
+        .ops
+        .lag(&t, &KafkaHarness::group_id(&t, "g"))
+        .await
+        .unwrap();
+    assert!(lag.iter().all(|p| p.lag == 0), "{lag:?}");
 }
 
 /// A consumer joins while a message is in flight on the partition it takes:

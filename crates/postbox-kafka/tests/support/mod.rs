@@ -314,3 +314,154 @@ impl Harness for KafkaHarness {
         Ok(Box::new(self.source(topic, group).await?))
     }
 }
+
+/// A TCP proxy in front of a broker that a test can cut off: while cut, every
+/// open connection is closed and new ones are closed as soon as they are
+/// accepted — to the client, the broker is gone; its storage is not.
+pub struct CutProxy {
+    pub port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    /// Listens on a free loopback port and forwards to `upstream`.
+    pub async fn start(upstream: u16) -> CutProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy port");
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let accept = {
+            let (cut, conns) = (cut.clone(), conns.clone());
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if cut.load(Ordering::SeqCst) {
+                        continue; // dropped: closed at once
+                    }
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        continue;
+                    };
+                    let task = tokio::spawn(async move {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    });
+                    let mut conns = conns.lock().unwrap();
+                    conns.retain(|c| !c.is_finished());
+                    conns.push(task.abort_handle());
+                }
+            })
+        };
+        CutProxy {
+            port,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    /// Cuts the broker off: closes every connection, refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// A tansu broker process of a test's own (the binary `scripts/brokers.sh`
+/// runs, `POSTBOX_TANSU_BIN`), in-memory storage, advertised behind a
+/// [`CutProxy`] so that every client connection goes through it. Killed
+/// when dropped.
+pub struct OwnTansu {
+    child: std::process::Child,
+    pub proxy: CutProxy,
+}
+
+impl OwnTansu {
+    /// Starts one, or `None` (skip printed; a failure with `CI`/
+    /// `POSTBOX_REQUIRE_BROKERS`) without a tansu binary.
+    pub async fn start(test: &str) -> Option<OwnTansu> {
+        let Some(bin) = std::env::var("POSTBOX_TANSU_BIN")
+            .ok()
+            .filter(|b| !b.is_empty())
+        else {
+            unreachable(
+                test,
+                "a Kafka broker of the test's own",
+                "POSTBOX_TANSU_BIN is not set (`eval \"$(scripts/brokers.sh env)\"`)",
+            );
+            return None;
+        };
+        // A free port for the broker (taken, then given back to it).
+        let broker_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let proxy = CutProxy::start(broker_port).await;
+        let log = std::env::temp_dir().join(format!("postbox-{test}-tansu-{broker_port}.log"));
+        let out = std::fs::File::create(&log).expect("tansu log");
+        let child = std::process::Command::new(&bin)
+            .args([
+                "broker",
+                "--cluster-id",
+                &format!("postbox-{test}"),
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{broker_port}"),
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{}", proxy.port),
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .env_remove("LISTENER_URL")
+            .env_remove("ADVERTISED_LISTENER_URL")
+            .env_remove("STORAGE_ENGINE")
+            .env_remove("CLUSTER_ID")
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{test}: starting {bin} failed: {e}"));
+        let own = OwnTansu { child, proxy };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", broker_port))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{test}: tansu did not listen within 20 s (log: {})",
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some(own)
+    }
+
+    /// The bootstrap address (the proxy).
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.proxy.port)
+    }
+}
+
+impl Drop for OwnTansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
