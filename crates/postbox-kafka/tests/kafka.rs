@@ -489,13 +489,18 @@ async fn rebalance_mid_stream_loses_nothing() {
     assert_eq!(seen.len(), total);
 }
 
-/// The broker goes down and comes back mid-stream: publishers retry,
-/// consumers resume, nothing is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_outage_mid_stream_loses_nothing() {
-    let h = Arc::new(mock_harness(2, &[]));
-    let mock = h.mock.clone().unwrap();
-    let t = topic("outage");
+/// While 1,000 messages flow (500 published before, 500 during), the broker
+/// is out for `lasts` (`down` .. `up`): checks that nothing of the second
+/// half got through the outage, then that all 1,000 are handled. Returns the
+/// topic (the consumer group is `g`, closed by then).
+async fn outage_mid_stream(
+    h: &Arc<KafkaHarness>,
+    name: &str,
+    lasts: Duration,
+    down: impl FnOnce(),
+    up: impl FnOnce(),
+) -> String {
+    let t = topic(name);
     h.create(&t).await.unwrap();
     let spy = HandlerSpy::new();
     let running = Consumer::builder(h.source(&t, "g").await.unwrap(), spy.clone())
@@ -505,9 +510,9 @@ async fn broker_outage_mid_stream_loses_nothing() {
         .unwrap()
         .spawn();
     let first: Vec<Envelope> = (0..500).map(|i| order(i, &format!("k{i}"))).collect();
-    publish(&h, &t, &first).await;
+    publish(h, &t, &first).await;
     wait_distinct(&spy, 200, WAIT).await;
-    mock.broker_down(1);
+    down();
     let producer = {
         let (h, t) = (h.clone(), t.clone());
         tokio::spawn(async move {
@@ -515,11 +520,34 @@ async fn broker_outage_mid_stream_loses_nothing() {
             publish(&h, &t, &second).await;
         })
     };
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    mock.broker_up(1);
+    tokio::time::sleep(lasts).await;
+    // The outage is real: nothing of the second half got through it.
+    assert!(!producer.is_finished(), "published through the outage");
+    let seq = |c: &postbox_testkit::Call| c.envelope.headers["seq"].parse::<usize>().unwrap();
+    let through = spy
+        .successes()
+        .iter()
+        .map(seq)
+        .filter(|s| *s >= 500)
+        .count();
+    assert_eq!(through, 0, "consumed through the outage");
+    up();
     producer.await.unwrap();
-    wait_distinct(&spy, 1000, Duration::from_secs(60)).await;
+    wait_distinct(&spy, 1000, Duration::from_secs(90)).await;
     running.shutdown().await.unwrap();
+    let seen: BTreeSet<usize> = spy.successes().iter().map(seq).collect();
+    assert_eq!(seen.len(), 1000);
+    t
+}
+
+/// The broker goes down and comes back mid-stream: publishers retry,
+/// consumers resume, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_mid_stream_loses_nothing() {
+    let h = Arc::new(mock_harness(2, &[]));
+    let mock = h.mock.clone().unwrap();
+    let (down, up) = (|| mock.broker_down(1), || mock.broker_up(1));
+    outage_mid_stream(&h, "outage", Duration::from_secs(3), down, up).await;
 }
 
 /// The broker process is cut off mid-stream — every connection closed, new
@@ -533,51 +561,9 @@ async fn real_broker_cut_off_mid_stream_loses_nothing() {
         return;
     };
     let h = Arc::new(KafkaHarness::tansu(&tansu.bootstrap(), 2));
-    let t = topic("cut-off");
-    h.create(&t).await.unwrap();
-    let spy = HandlerSpy::new();
-    let running = Consumer::builder(h.source(&t, "g").await.unwrap(), spy.clone())
-        .concurrency(4)
-        .dead_letter(DeadLetterRouter::new(Arc::new(h.publisher.clone())))
-        .build()
-        .unwrap()
-        .spawn();
-    let first: Vec<Envelope> = (0..500).map(|i| order(i, &format!("k{i}"))).collect();
-    publish(&h, &t, &first).await;
-    wait_distinct(&spy, 200, WAIT).await;
-    tansu.proxy.cut();
-    let producer = {
-        let (h, t) = (h.clone(), t.clone());
-        tokio::spawn(async move {
-            let second: Vec<Envelope> = (500..1000).map(|i| order(i, &format!("k{i}"))).collect();
-            publish(&h, &t, &second).await;
-        })
-    };
+    let (cut, restore) = (|| tansu.proxy.cut(), || tansu.proxy.restore());
     // Longer than session.timeout.ms (6 s): the coordinator expires the member.
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    // The cut is real: nothing of the second half got through it.
-    assert!(
-        !producer.is_finished(),
-        "published through a cut-off broker"
-    );
-    let seq = |c: &postbox_testkit::Call| c.envelope.headers["seq"].parse::<usize>().unwrap();
-    let during = spy
-        .successes()
-        .iter()
-        .map(seq)
-        .filter(|s| *s >= 500)
-        .count();
-    assert_eq!(during, 0, "consumed through a cut-off broker");
-    tansu.proxy.restore();
-    producer.await.unwrap();
-    wait_distinct(&spy, 1000, Duration::from_secs(90)).await;
-    running.shutdown().await.unwrap();
-    let seen: BTreeSet<String> = spy
-        .successes()
-        .iter()
-        .map(|c| c.envelope.headers["seq"].clone())
-        .collect();
-    assert_eq!(seen.len(), 1000);
+    let t = outage_mid_stream(&h, "cut-off", Duration::from_secs(8), cut, restore).await;
     let lag = h
         .ops
         .lag(&t, &KafkaHarness::group_id(&t, "g"))
