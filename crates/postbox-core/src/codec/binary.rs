@@ -97,12 +97,8 @@ pub fn decode<'a>(
     attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
     payload: Bytes,
 ) -> Result<Envelope, Error> {
-    let mut a = Attributes::default();
-    for (name, value) in attrs {
-        a.set(name, value);
-    }
     let mut env = blank(payload);
-    a.apply(&mut env)?;
+    fill(&mut env, attrs)?;
     Ok(env)
 }
 
@@ -120,11 +116,9 @@ pub fn decode_boxed<'a>(
     attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
     payload: Bytes,
 ) -> Result<Box<Envelope>, Error> {
-    let mut a = Attributes::default();
-    for (name, value) in attrs {
-        a.set(name, value);
-    }
-    a.decode_boxed(payload)
+    let mut env = Box::new(blank(payload));
+    fill(&mut env, attrs)?;
+    Ok(env)
 }
 
 /// The attributes of one message, borrowed from its headers, one slot per
@@ -280,6 +274,18 @@ impl<'a> Attributes<'a> {
         env.source = super::intern(source);
         Ok(())
     }
+}
+
+/// Sets `(name, value)` pairs on a [`blank`] envelope, in place.
+fn fill<'a>(
+    env: &mut Envelope,
+    attrs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<(), Error> {
+    let mut a = Attributes::default();
+    for (name, value) in attrs {
+        a.set(name, value);
+    }
+    a.apply(env)
 }
 
 /// What [`Attributes::apply`] starts from: no id, type or source yet (they
