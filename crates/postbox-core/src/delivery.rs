@@ -155,6 +155,18 @@ pub trait Source: Send + 'static {
 
     /// The destination consumed (topic or queue), for telemetry and DLQ routing.
     fn destination(&self) -> &str;
+
+    /// Closes the subscription for good: commits what was processed and
+    /// leaves the consumer group (Kafka), cancels the consumer (RabbitMQ),
+    /// stops receiving (SQS). The consumer runtime calls it when it stops;
+    /// dropping a source without closing it is a safety net, not a plan.
+    /// The default has nothing to close.
+    fn close(self) -> impl Future<Output = Result<(), Error>> + Send
+    where
+        Self: Sized,
+    {
+        async { Ok(()) }
+    }
 }
 
 /// Object-safe form of [`Delivery`], for `Box<dyn DynDelivery>`.
@@ -233,6 +245,8 @@ pub trait DynSource: Send + 'static {
     fn system(&self) -> &'static str;
     /// See [`Source::destination`].
     fn destination(&self) -> &str;
+    /// See [`Source::close`].
+    fn close_boxed(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>>;
 }
 
 impl<S: Source> DynSource for S {
@@ -249,7 +263,13 @@ impl<S: Source> DynSource for S {
     fn destination(&self) -> &str {
         Source::destination(self)
     }
+    fn close_boxed(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(Source::close(*self))
+    }
 }
+
+/// A type-erased delivery: what a [`BoxSource`] yields.
+pub type BoxDelivery = Box<dyn DynDelivery>;
 
 /// A type-erased source: any adapter's subscription as one type.
 pub type BoxSource = Box<dyn DynSource>;
@@ -264,5 +284,8 @@ impl Source for Box<dyn DynSource> {
     }
     fn destination(&self) -> &str {
         (**self).destination()
+    }
+    fn close(self) -> impl Future<Output = Result<(), Error>> + Send {
+        self.close_boxed()
     }
 }

@@ -151,10 +151,11 @@ impl std::fmt::Debug for DeadLetterRouter {
 }
 
 impl DeadLetterRouter {
-    /// Dead-letters through `publisher` to `<origin>.dlq`.
-    pub fn new(publisher: Arc<dyn Publisher>) -> Self {
+    /// Dead-letters through `publisher` (a broker handle, or any
+    /// [`Publisher`]) to `<origin>.dlq`.
+    pub fn new(publisher: impl Publisher + 'static) -> Self {
         DeadLetterRouter {
-            publisher,
+            publisher: Arc::new(publisher),
             route: Arc::new(|origin: &Origin, _: &Envelope| {
                 default_destination(&origin.destination)
             }),

@@ -113,6 +113,8 @@ pub enum ErrorKind {
     NotFound,
     /// A settle operation (ack, retry, release) failed, e.g. the receipt expired.
     Settle,
+    /// The broker cannot do this (a capability it does not have).
+    Unsupported,
     /// Anything else; see the message and source.
     Other,
 }
@@ -131,6 +133,7 @@ impl ErrorKind {
             ErrorKind::Closed => "closed",
             ErrorKind::NotFound => "not found",
             ErrorKind::Settle => "settle",
+            ErrorKind::Unsupported => "unsupported",
             ErrorKind::Other => "other",
         }
     }
@@ -221,6 +224,7 @@ impl Error {
                 | ErrorKind::Config
                 | ErrorKind::Unroutable
                 | ErrorKind::NotFound
+                | ErrorKind::Unsupported
         )
     }
 }
@@ -251,9 +255,6 @@ impl std::error::Error for Error {
             .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
-
-/// Shorthand for `Result<T, postbox_core::Error>`.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {

@@ -32,6 +32,14 @@ impl PublishError {
     }
 }
 
+/// A failed publish as a plain [`Error`] (the envelope is dropped), for `?`
+/// in functions that return `postbox_core::Error`.
+impl From<PublishError> for Error {
+    fn from(e: PublishError) -> Self {
+        e.error
+    }
+}
+
 impl fmt::Debug for PublishError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PublishError")

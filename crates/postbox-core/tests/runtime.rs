@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use postbox_core::delivery::{FIRST_FAILED_AT, LAST_REASON};
 use postbox_core::dlq;
 use postbox_core::{
     handler_fn, typed, CancellationToken, Consumer, ConsumerBuilder, DeadLetterMetadata,
     DeadLetterRouter, Delivery, Envelope, Error, ErrorKind, FailureReason, Handler, HandlerError,
-    HandlerResult, Ordering, Origin, PublishError, Publisher, Retry, RetryPolicy, RunReport,
-    SettleResult, Source, TypedEnvelope, FIRST_FAILED_AT, LAST_REASON,
+    HandlerResult, Origin, ProcessingOrder, PublishError, Publisher, Retry, RetryPolicy, RunReport,
+    SettleResult, Source, TypedEnvelope,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -828,7 +829,7 @@ async fn a_failed_dlq_publish_releases_the_original() {
 // Graceful shutdown.
 // ---------------------------------------------------------------------------
 
-async fn shutdown_lets_in_flight_handlers_finish(ordering: Ordering) {
+async fn shutdown_lets_in_flight_handlers_finish(ordering: ProcessingOrder) {
     let (b, source) = broker(false);
     let handler = logged(&b.log, |_env| async {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -883,12 +884,12 @@ async fn shutdown_lets_in_flight_handlers_finish(ordering: Ordering) {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_lets_in_flight_handlers_finish_and_ack_unordered() {
-    shutdown_lets_in_flight_handlers_finish(Ordering::Unordered).await;
+    shutdown_lets_in_flight_handlers_finish(ProcessingOrder::Unordered).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_lets_in_flight_handlers_finish_and_ack_per_key() {
-    shutdown_lets_in_flight_handlers_finish(Ordering::PerKey).await;
+    shutdown_lets_in_flight_handlers_finish(ProcessingOrder::PerKey).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -939,7 +940,7 @@ async fn shutdown_during_an_in_place_retry_wait_releases_the_message() {
         Err(HandlerError::transient("down"))
     });
     let running = consumer(&b, source, handler)
-        .ordering(Ordering::PerKey)
+        .ordering(ProcessingOrder::PerKey)
         .retry_policy(RetryPolicy::exponential(Duration::from_secs(60)).without_jitter())
         .build()
         .unwrap()
@@ -1011,7 +1012,7 @@ async fn per_key_order_is_kept_with_random_handler_durations() {
         }
     });
     let running = consumer(&b, source, handler)
-        .ordering(Ordering::PerKey)
+        .ordering(ProcessingOrder::PerKey)
         .concurrency(4)
         .build()
         .unwrap()
@@ -1104,7 +1105,7 @@ async fn ordered_retry_happens_in_place_and_blocks_only_its_key() {
     });
     let policy = RetryPolicy::exponential(Duration::from_secs(1)).without_jitter();
     let running = consumer(&b, source, handler)
-        .ordering(Ordering::PerKey)
+        .ordering(ProcessingOrder::PerKey)
         .concurrency(4)
         .retry_policy(policy)
         .build()
@@ -1176,7 +1177,7 @@ async fn ordered_retries_exhausted_in_place_dead_letter_with_the_first_failure_t
         async { Err(HandlerError::transient("down")) }
     });
     let running = consumer(&b, source, handler)
-        .ordering(Ordering::PerKey)
+        .ordering(ProcessingOrder::PerKey)
         .retry_policy(RetryPolicy::default().with_max_attempts(3))
         .build()
         .unwrap()
@@ -1211,7 +1212,7 @@ async fn ordered_retries_exhausted_in_place_dead_letter_with_the_first_failure_t
 // Bounded concurrency.
 // ---------------------------------------------------------------------------
 
-async fn never_more_than_n_at_once(ordering: Ordering, n: usize) {
+async fn never_more_than_n_at_once(ordering: ProcessingOrder, n: usize) {
     let (b, source) = broker(false);
     let current = Arc::new(AtomicUsize::new(0));
     let max = Arc::new(AtomicUsize::new(0));
@@ -1243,19 +1244,19 @@ async fn never_more_than_n_at_once(ordering: Ordering, n: usize) {
     let max = max.load(AtomicOrdering::SeqCst);
     assert!(max <= n, "{max} handlers ran at once with concurrency {n}");
     assert!(max > 1, "handlers never ran concurrently");
-    if ordering == Ordering::Unordered {
+    if ordering == ProcessingOrder::Unordered {
         assert_eq!(max, n, "the concurrency limit was never reached");
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn bounded_concurrency_unordered() {
-    never_more_than_n_at_once(Ordering::Unordered, 3).await;
+    never_more_than_n_at_once(ProcessingOrder::Unordered, 3).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn bounded_concurrency_per_key() {
-    never_more_than_n_at_once(Ordering::PerKey, 4).await;
+    never_more_than_n_at_once(ProcessingOrder::PerKey, 4).await;
 }
 
 // ---------------------------------------------------------------------------

@@ -23,7 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use postbox_core::codec::{attr, binary, foreign, is_reserved};
-use postbox_core::{Envelope, Error, Text};
+use postbox_core::envelope::Text;
+use postbox_core::{Envelope, Error};
 use rdkafka::message::{Header, OwnedHeaders};
 
 /// Prefix of CloudEvents attribute headers.

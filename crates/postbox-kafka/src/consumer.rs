@@ -46,8 +46,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
+use postbox_core::envelope::Text;
 use postbox_core::{
-    Delivery, Envelope, Error, ErrorKind, Origin, Retry, SettleError, SettleResult, Source, Text,
+    Delivery, Envelope, Error, ErrorKind, Origin, Retry, SettleError, SettleResult, Source,
 };
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,

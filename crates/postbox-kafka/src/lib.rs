@@ -11,7 +11,7 @@
 //!   committed as the contiguous completed watermark per partition;
 //!   rebalance-safe; foreign records consumed with a synthesized envelope.
 //! * Retries ([`retry`]): ordered mode retries in place (core's
-//!   `Ordering::PerKey`); unordered mode republishes to delay-tier retry
+//!   `ProcessingOrder::PerKey`); unordered mode republishes to delay-tier retry
 //!   topics `<topic>.retry.<tier>` whose partitions are paused until due.
 //!   Dead letters go to `<topic>.dlq` through core's `DeadLetterRouter`.
 //! * [`Topology`] (opt-in topic creation) and [`KafkaOps`] (DLQ count / peek

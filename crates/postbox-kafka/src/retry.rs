@@ -17,7 +17,7 @@
 //! flowing. Due times and attempts live in the records, so they survive
 //! restarts: a new consumer reads the same due time and pauses again.
 //!
-//! In **ordered** mode (`Ordering::PerKey` in the runtime) retries happen in
+//! In **ordered** mode (`ProcessingOrder::PerKey` in the runtime) retries happen in
 //! place: the message is held unacked, its offset is not committed, and its
 //! key's lane waits, so order per key (and per partition) holds.
 

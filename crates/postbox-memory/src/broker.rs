@@ -1,12 +1,16 @@
 //! The broker: queues, topic bindings, publishing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use postbox_core::telemetry::PublisherMetrics;
-use postbox_core::{BatchReport, Envelope, Error, ErrorKind, Limit, PublishError, Publisher};
+use postbox_core::{
+    Backlog, BatchReport, BoxSource, Broker, Capabilities, Envelope, Error, ErrorKind, Health,
+    Limit, PublishError, Publisher, SubscribeOptions,
+};
 
 use crate::limits::Limits;
 use crate::queue::{Queue, QueueOptions};
@@ -30,6 +34,10 @@ struct Inner {
     topology: RwLock<Topology>,
     limits: Limits,
     auto_create: bool,
+    /// Options of queues created without explicit ones.
+    queue_defaults: QueueOptions,
+    /// Set by `Broker::close`: publishing fails with `Closed`.
+    closed: AtomicBool,
     metrics: PublisherMetrics,
 }
 
@@ -79,6 +87,8 @@ impl MemoryBroker {
                 topology: RwLock::new(Topology::default()),
                 limits,
                 auto_create: true,
+                queue_defaults: QueueOptions::default(),
+                closed: AtomicBool::new(false),
                 metrics: PublisherMetrics::new(SYSTEM),
             }),
         }
@@ -86,14 +96,28 @@ impl MemoryBroker {
 
     /// Publishing to an undeclared name becomes an `Unroutable` error.
     pub fn without_auto_create(self) -> Self {
+        self.rebuilt(|inner| inner.auto_create = false)
+    }
+
+    /// Options for every queue created without explicit ones (auto-created,
+    /// bound, or provisioned through [`Broker`]), e.g. a visibility timeout.
+    pub fn with_queue_defaults(self, options: QueueOptions) -> Self {
+        self.rebuilt(|inner| inner.queue_defaults = options)
+    }
+
+    fn rebuilt(self, change: impl FnOnce(&mut Inner)) -> Self {
         let inner = &self.inner;
+        let mut next = Inner {
+            topology: RwLock::new(std::mem::take(&mut *write(&inner.topology))),
+            limits: inner.limits.clone(),
+            auto_create: inner.auto_create,
+            queue_defaults: inner.queue_defaults.clone(),
+            closed: AtomicBool::new(inner.closed.load(AtomicOrdering::Relaxed)),
+            metrics: inner.metrics.clone(),
+        };
+        change(&mut next);
         MemoryBroker {
-            inner: Arc::new(Inner {
-                topology: RwLock::new(std::mem::take(&mut *write(&inner.topology))),
-                limits: inner.limits.clone(),
-                auto_create: false,
-                metrics: inner.metrics.clone(),
-            }),
+            inner: Arc::new(next),
         }
     }
 
@@ -105,7 +129,7 @@ impl MemoryBroker {
     fn default_options(&self, name: &str) -> QueueOptions {
         QueueOptions {
             fifo: self.inner.limits.fifo_by_name && name.ends_with(".fifo"),
-            ..QueueOptions::default()
+            ..self.inner.queue_defaults.clone()
         }
     }
 
@@ -243,6 +267,10 @@ impl MemoryBroker {
         envelope: Envelope,
         delay: Option<Duration>,
     ) -> Result<(), PublishError> {
+        if self.inner.closed.load(AtomicOrdering::Relaxed) {
+            let e = Error::new(ErrorKind::Closed, "the memory broker handle is closed");
+            return Err(self.failed(e, envelope));
+        }
         loop {
             let topo = read(&self.inner.topology);
             // Publishing delivers to every queue bound to `destination` (in
@@ -295,14 +323,89 @@ impl MemoryBroker {
         PublishError::new(error, envelope)
     }
 
-    /// Publishes `envelope` to be delivered after `delay` (SQS `DelaySeconds`).
-    pub async fn publish_delayed(
+    /// The queue a subscription of `options` on `destination` reads: the
+    /// group's queue bound to the topic, or the destination itself.
+    fn queue_of(&self, destination: &str, group: Option<&str>) -> String {
+        match group {
+            Some(g) => self.group_queue(destination, g),
+            None => destination.to_string(),
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn system(&self) -> &'static str {
+        SYSTEM
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let limits = &self.inner.limits;
+        let mut caps = Capabilities::none();
+        caps.group_fan_out = true;
+        caps.ordered = true;
+        caps.redelivery_on_close = true;
+        caps.scheduled_publish = Some(limits.max_delay.unwrap_or(Duration::MAX));
+        caps.max_message_bytes = limits.max_body_bytes;
+        caps.max_headers = limits.max_attributes;
+        caps.backlog = true;
+        caps
+    }
+
+    async fn provision(&self, destination: &str, options: &SubscribeOptions) -> Result<(), Error> {
+        let queue = self.queue_of(destination, options.group_name());
+        self.declare_queue(&queue);
+        self.declare_queue(&postbox_core::dlq::default_destination(&queue));
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        destination: &str,
+        options: SubscribeOptions,
+    ) -> Result<BoxSource, Error> {
+        if options.provisions() {
+            self.provision(destination, &options).await?;
+        }
+        let queue = self.queue_of(destination, options.group_name());
+        Ok(Box::new(self.subscribe(&queue)))
+    }
+
+    async fn backlog(&self, destination: &str, group: Option<&str>) -> Result<Backlog, Error> {
+        let name = match group {
+            Some(g) => format!("{destination}:{g}"),
+            None => destination.to_string(),
+        };
+        let q = self.existing_queue(&name)?;
+        let mut backlog = Backlog::waiting(q.depth() as u64);
+        backlog.in_flight = Some(q.unacked.load(AtomicOrdering::Relaxed));
+        backlog.delayed = Some(q.delayed() as u64);
+        Ok(backlog)
+    }
+
+    async fn health(&self) -> Result<Health, Error> {
+        if self.inner.closed.load(AtomicOrdering::Relaxed) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "the memory broker handle is closed",
+            ));
+        }
+        Ok(Health::new(SYSTEM, Duration::ZERO, "in-process broker"))
+    }
+
+    /// Delivered after `delay` (SQS `DelaySeconds` with [`Limits::sqs`]).
+    async fn publish_delayed(
         &self,
         destination: &str,
         envelope: Envelope,
         delay: Duration,
     ) -> Result<(), PublishError> {
         self.route(destination, envelope, Some(delay))
+    }
+
+    async fn close(&self) -> Result<(), Error> {
+        self.inner.closed.store(true, AtomicOrdering::Relaxed);
+        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use postbox_core::{Delivery, Envelope, ErrorKind, Limit, Publisher, Retry, Source};
+use postbox_core::{Broker, Delivery, Envelope, ErrorKind, Limit, Publisher, Retry, Source};
 use postbox_memory::{Limits, MemoryBroker, MemorySource, QueueOptions};
 
 async fn next(source: &mut MemorySource) -> postbox_memory::MemoryDelivery {

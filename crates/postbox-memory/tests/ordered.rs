@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use postbox_core::{Consumer, DeadLetterRouter, Envelope, Ordering, Publisher};
+use postbox_core::{Consumer, DeadLetterRouter, Envelope, ProcessingOrder, Publisher};
 use postbox_memory::MemoryBroker;
 use postbox_testkit::{Behaviour, HandlerSpy};
 
@@ -35,7 +35,7 @@ async fn a_retrying_key_with_a_backlog_does_not_stall_other_keys() {
     });
     let consumer = Consumer::builder(broker.subscribe("q"), spy.clone())
         .concurrency(8)
-        .ordering(Ordering::PerKey)
+        .ordering(ProcessingOrder::PerKey)
         .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
         .build()
         .unwrap()

@@ -24,7 +24,8 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use postbox_core::codec::foreign::{self, Foreign};
 use postbox_core::codec::structured;
-use postbox_core::{dlq, Envelope, Error, Limit, Text};
+use postbox_core::envelope::Text;
+use postbox_core::{dlq, Envelope, Error, Limit};
 
 /// The attribute that carries the event type (for filter policies).
 pub const ATTR_TYPE: &str = "type";

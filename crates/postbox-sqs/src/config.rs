@@ -21,7 +21,7 @@
 
 use std::time::Duration;
 
-use postbox_core::Text;
+use postbox_core::envelope::Text;
 
 /// What a destination string addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -170,8 +170,9 @@ impl SqsBroker {
     }
 
     fn decode_message(&self, queue: &str, m: &Message) -> Result<Envelope, Error> {
-        let foreign =
-            postbox_core::Text::Borrowed(postbox_core::codec::foreign::DEFAULT_FOREIGN_TYPE);
+        let foreign = postbox_core::envelope::Text::Borrowed(
+            postbox_core::codec::foreign::DEFAULT_FOREIGN_TYPE,
+        );
         let id = m.message_id.clone().unwrap_or_default();
         codec::decode(
             m.body.as_deref().unwrap_or(""),

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use postbox_core::{BoxSource, DeadLetterOps, Error, Publisher};
+use postbox_core::{
+    AnyBroker, BoxSource, Broker, DeadLetterOps, Error, Publisher, SubscribeOptions,
+};
 
 /// What an adapter can do; tests that need a missing capability are skipped
 /// with a printed reason, never silently.
@@ -72,5 +74,102 @@ pub trait Harness: Send + Sync + 'static {
     /// A fresh, unique topic name for a test.
     fn topic(&self, test: &str) -> String {
         format!("{test}-{}", uuid::Uuid::now_v7().simple())
+    }
+}
+
+type TopicFn = Box<dyn Fn(&str) -> String + Send + Sync>;
+type OptionsFn = Box<dyn Fn(&str) -> SubscribeOptions + Send + Sync>;
+
+/// The harness of any broker handle: the suite runs through the [`Broker`]
+/// trait (provision, subscribe, publish, dead-letter operations), so an
+/// adapter declares only its handle, its capabilities and how test topics
+/// are named.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// # use std::time::Duration;
+/// # use postbox_core::AnyBroker;
+/// # fn any() -> AnyBroker { unimplemented!() }
+/// # if false {
+/// use postbox_testkit::{BrokerHarness, Capabilities};
+/// let harness = BrokerHarness::new("my-broker", any(), Capabilities::all(Duration::from_millis(500)))
+///     .topics(|test| format!("exchange:{test}"));
+/// # let _ = harness;
+/// # }
+/// # }
+/// ```
+pub struct BrokerHarness {
+    name: &'static str,
+    broker: AnyBroker,
+    capabilities: Capabilities,
+    topic: TopicFn,
+    options: OptionsFn,
+}
+
+impl BrokerHarness {
+    /// A harness on `broker`, with fresh topics `<test>-<uuid>` and groups
+    /// subscribed with `SubscribeOptions::group(group)`.
+    pub fn new(name: &'static str, broker: impl Broker, capabilities: Capabilities) -> Self {
+        BrokerHarness {
+            name,
+            broker: AnyBroker::new(broker),
+            capabilities,
+            topic: Box::new(|test| crate::env::unique(test)),
+            options: Box::new(|group: &str| SubscribeOptions::group(group)),
+        }
+    }
+
+    /// Names the topic of a test (called with the test's name; must be fresh).
+    pub fn topics(mut self, topic: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
+        self.topic = Box::new(topic);
+        self
+    }
+
+    /// The subscribe options of a group (default `SubscribeOptions::group(group)`).
+    pub fn options(
+        mut self,
+        options: impl Fn(&str) -> SubscribeOptions + Send + Sync + 'static,
+    ) -> Self {
+        self.options = Box::new(options);
+        self
+    }
+
+    /// The broker handle under test.
+    pub fn broker(&self) -> &AnyBroker {
+        &self.broker
+    }
+}
+
+#[async_trait]
+impl Harness for BrokerHarness {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities.clone()
+    }
+
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(self.broker.clone())
+    }
+
+    fn dead_letters(&self) -> Arc<dyn DeadLetterOps> {
+        Arc::new(self.broker.clone())
+    }
+
+    async fn provision(&self, topic: &str, groups: &[&str]) -> Result<(), Error> {
+        for group in groups {
+            self.broker.provision(topic, &(self.options)(group)).await?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, topic: &str, group: &str) -> Result<BoxSource, Error> {
+        self.broker.subscribe(topic, (self.options)(group)).await
+    }
+
+    fn topic(&self, test: &str) -> String {
+        (self.topic)(test)
     }
 }

@@ -8,12 +8,19 @@
 //!   cannot run are skipped *by capability*, and the skip is printed.
 //! * [`HandlerSpy`]: a recording, scriptable handler for your own tests.
 //!
-//! An adapter runs the suite with one line in a test file:
+//! * [`env`]: the shared test environment (broker reachability: skip by name,
+//!   or fail under `CI` / `POSTBOX_REQUIRE_BROKERS=1`; fresh names).
+//!
+//! An adapter runs the suite through its broker handle ([`BrokerHarness`])
+//! with one line in a test file:
 //!
 //! ```ignore
-//! postbox_testkit::conformance_tests!(async { my_adapter::TestHarness::new().await });
+//! postbox_testkit::conformance_tests!(async {
+//!     BrokerHarness::new("my-broker", MyBroker::connect(config).await.unwrap(), capabilities)
+//! });
 //! ```
 
+pub mod env;
 mod harness;
 mod spy;
 pub mod suite;
@@ -22,7 +29,7 @@ use std::future::Future;
 use std::io::Write as _;
 use std::pin::Pin;
 
-pub use harness::{Capabilities, Harness};
+pub use harness::{BrokerHarness, Capabilities, Harness};
 pub use spy::{Behaviour, Call, HandlerSpy};
 pub use suite::{TestResult, Verdict};
 

@@ -12,7 +12,7 @@ use postbox_core::dlq::DeadLetterMetadata;
 use postbox_core::{
     typed, BoxSource, Consumer, ConsumerBuilder, DeadLetterRouter, Delivery, Envelope, ErrorKind,
     FailureReason, Handler, HandlerBuilder, HandlerResult, IdempotencyLayer, Limit,
-    MemoryIdempotencyStore, Ordering, RetryPolicy, RunningConsumer, Source, TypedEnvelope,
+    MemoryIdempotencyStore, ProcessingOrder, RetryPolicy, RunningConsumer, Source, TypedEnvelope,
 };
 
 use crate::harness::Harness;
@@ -266,7 +266,7 @@ pub async fn release_leads_to_redelivery(h: &dyn Harness) -> TestResult {
     Ok(Verdict::Passed)
 }
 
-async fn next(source: &mut BoxSource) -> Result<Box<dyn postbox_core::DynDelivery>, String> {
+async fn next(source: &mut BoxSource) -> Result<postbox_core::BoxDelivery, String> {
     match tokio::time::timeout(WAIT, source.next()).await {
         Ok(Some(Ok(d))) => Ok(d),
         Ok(Some(Err(e))) => Err(format!("receive failed: {e}")),
@@ -406,7 +406,7 @@ pub async fn per_key_order_is_kept(h: &dyn Harness) -> TestResult {
     let running = start(
         consumer(h, subscribe(h, &topic, "g").await?, spy.clone())
             .concurrency(4)
-            .ordering(Ordering::PerKey),
+            .ordering(ProcessingOrder::PerKey),
     )?;
     spy.wait_for_successes(100, WAIT).await?;
     let report = running.shutdown().await.map_err(err)?;

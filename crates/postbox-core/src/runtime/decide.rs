@@ -5,7 +5,7 @@ use crate::retry::{RetryBudget, RetryPolicy};
 
 /// What the runtime does with a message after its handler ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Success: ack.
     Ack,
     /// Transient failure with attempts left: deliver again after `delay`.
@@ -24,20 +24,7 @@ pub enum Decision {
 
 /// The outcome → decision mapping, a pure function of the handler result,
 /// the attempt number and the message id (for deterministic jitter).
-///
-/// ```
-/// use postbox_core::{decide, Decision, FailureReason, HandlerError, RetryPolicy};
-/// let policy = RetryPolicy::default();
-/// assert_eq!(decide(&Ok(()), 1, "m", &policy, None), Decision::Ack);
-/// let failed = Err(HandlerError::transient("db down"));
-/// assert!(matches!(decide(&failed, 1, "m", &policy, None), Decision::Retry { .. }));
-/// assert_eq!(decide(&failed, 5, "m", &policy, None),
-///            Decision::DeadLetter { reason: FailureReason::RetriesExhausted });
-/// let poison = Err(HandlerError::permanent("bad order"));
-/// assert_eq!(decide(&poison, 1, "m", &policy, None),
-///            Decision::DeadLetter { reason: FailureReason::HandlerError });
-/// ```
-pub fn decide(
+pub(crate) fn decide(
     result: &HandlerResult,
     attempt: u32,
     id: &str,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use decide::{decide, Decision};
+pub(crate) use decide::{decide, Decision};
 
 use crate::delivery::Source;
 use crate::dlq::DeadLetterRouter;
@@ -33,7 +33,7 @@ use crate::telemetry::ConsumerMetrics;
 /// How deliveries are ordered while processed concurrently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
-pub enum Ordering {
+pub enum ProcessingOrder {
     /// Up to `concurrency` messages at once in any order; retries go through
     /// the broker (retry tiers, timers, visibility), so they never block others.
     #[default]
@@ -134,7 +134,7 @@ pub struct Consumer<S, H> {
     source: S,
     shared: Arc<Shared<H>>,
     concurrency: usize,
-    ordering: Ordering,
+    ordering: ProcessingOrder,
     grace: Duration,
     max_in_flight: usize,
 }
@@ -145,7 +145,7 @@ pub struct ConsumerBuilder<S, H> {
     handler: H,
     name: Option<String>,
     concurrency: usize,
-    ordering: Ordering,
+    ordering: ProcessingOrder,
     policy: RetryPolicy,
     budget: Option<Arc<RetryBudget>>,
     dead_letter: Option<DeadLetterRouter>,
@@ -162,7 +162,7 @@ impl<S: Source, H: Handler> Consumer<S, H> {
             handler,
             name: None,
             concurrency: 1,
-            ordering: Ordering::Unordered,
+            ordering: ProcessingOrder::Unordered,
             policy: RetryPolicy::default(),
             budget: None,
             dead_letter: None,
@@ -190,37 +190,56 @@ impl<S: Source, H: Handler> Consumer<S, H> {
             grace,
             max_in_flight,
         } = self;
-        let mut tasks = JoinSet::new();
+        // Each task hands the source back when it ends (or `None`), so the
+        // source can be closed explicitly once no worker uses it.
+        let mut tasks: JoinSet<Option<S>> = JoinSet::new();
+        let mut competing = None;
         match ordering {
-            Ordering::Unordered if concurrency == 1 => {
-                tasks.spawn(worker::unordered(shared.clone(), worker::Owned(source)));
+            ProcessingOrder::Unordered if concurrency == 1 => {
+                let shared = shared.clone();
+                tasks.spawn(async move {
+                    Some(worker::unordered(shared, worker::Owned(source)).await.0)
+                });
             }
-            Ordering::Unordered => {
+            ProcessingOrder::Unordered => {
                 let source = Arc::new(tokio::sync::Mutex::new(source));
                 for _ in 0..concurrency {
-                    let source = worker::Competing(source.clone());
-                    tasks.spawn(worker::unordered(shared.clone(), source));
+                    let fetch = worker::Competing(source.clone());
+                    let shared = shared.clone();
+                    tasks.spawn(async move {
+                        worker::unordered(shared, fetch).await;
+                        None
+                    });
                 }
+                competing = Some(source);
             }
-            Ordering::PerKey => {
+            ProcessingOrder::PerKey => {
                 let mut lanes = Vec::with_capacity(concurrency);
                 for _ in 0..concurrency {
                     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                     lanes.push(tx);
-                    tasks.spawn(worker::lane(shared.clone(), rx));
+                    let shared = shared.clone();
+                    tasks.spawn(async move {
+                        worker::lane(shared, rx).await;
+                        None
+                    });
                 }
                 let bound = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(concurrency)));
-                tasks.spawn(worker::dispatch(shared.clone(), source, lanes, bound));
+                let shared = shared.clone();
+                tasks.spawn(
+                    async move { Some(worker::dispatch(shared, source, lanes, bound).await) },
+                );
             }
         }
+        let mut returned = None;
         // Wait for shutdown, or for every worker to end (source closed).
         let mut finished_early = false;
         tokio::select! {
             _ = shared.shutdown.cancelled() => {}
-            _ = join_all(&mut tasks) => finished_early = true,
+            _ = join_all(&mut tasks, &mut returned) => finished_early = true,
         }
         if !finished_early
-            && tokio::time::timeout(grace, join_all(&mut tasks))
+            && tokio::time::timeout(grace, join_all(&mut tasks, &mut returned))
                 .await
                 .is_err()
         {
@@ -231,7 +250,20 @@ impl<S: Source, H: Handler> Consumer<S, H> {
                 .abandoned
                 .fetch_add(left, AtomicOrdering::Relaxed);
             tasks.abort_all();
-            join_all(&mut tasks).await;
+            join_all(&mut tasks, &mut returned).await;
+        }
+        let source = returned.or_else(|| {
+            competing
+                .and_then(|s| Arc::try_unwrap(s).ok())
+                .map(tokio::sync::Mutex::into_inner)
+        });
+        // Explicit close: commits what was processed and leaves the group
+        // (Kafka), cancels the consumer (RabbitMQ). A source a worker still
+        // held when it was aborted is closed by its `Drop`.
+        if let Some(source) = source {
+            if let Err(e) = source.close().await {
+                tracing::warn!(consumer = %shared.name, error = %e, "closing the source failed");
+            }
         }
         shared.shutdown.cancel();
         Ok(shared.counters.report())
@@ -250,12 +282,15 @@ impl<S: Source, H: Handler> Consumer<S, H> {
     }
 }
 
-async fn join_all(tasks: &mut JoinSet<()>) {
+async fn join_all<S: 'static>(tasks: &mut JoinSet<Option<S>>, returned: &mut Option<S>) {
     while let Some(res) = tasks.join_next().await {
-        if let Err(e) = res {
-            if e.is_panic() {
+        match res {
+            Ok(Some(source)) => *returned = Some(source),
+            Ok(None) => {}
+            Err(e) if e.is_panic() => {
                 tracing::error!("a consumer worker panicked outside a handler: {e}");
             }
+            Err(_) => {}
         }
     }
 }
@@ -301,7 +336,7 @@ impl<S: Source, H: Handler> ConsumerBuilder<S, H> {
         self
     }
 
-    /// [`Ordering::PerKey`] only: how many deliveries may be fetched and not
+    /// [`ProcessingOrder::PerKey`] only: how many deliveries may be fetched and not
     /// yet settled across all lanes (default 4 × concurrency, at least the
     /// concurrency). A key waiting on a retry keeps its lane; the other keys
     /// keep flowing until this bound is reached. (Unordered: the bound is the
@@ -311,8 +346,8 @@ impl<S: Source, H: Handler> ConsumerBuilder<S, H> {
         self
     }
 
-    /// Sets the ordering mode (default [`Ordering::Unordered`]).
-    pub fn ordering(mut self, ordering: Ordering) -> Self {
+    /// Sets the ordering mode (default [`ProcessingOrder::Unordered`]).
+    pub fn ordering(mut self, ordering: ProcessingOrder) -> Self {
         self.ordering = ordering;
         self
     }

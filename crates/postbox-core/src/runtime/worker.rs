@@ -59,7 +59,7 @@ impl<S: Source> Fetch for Competing<S> {
 
 /// A worker of the unordered mode: takes the next delivery from the source,
 /// handles it, settles it; `concurrency` of these run at once.
-pub(crate) async fn unordered<F: Fetch, H: Handler>(shared: Arc<Shared<H>>, mut source: F) {
+pub(crate) async fn unordered<F: Fetch, H: Handler>(shared: Arc<Shared<H>>, mut source: F) -> F {
     let mut backoff = SOURCE_ERROR_BACKOFF.0;
     loop {
         let next = {
@@ -83,10 +83,10 @@ pub(crate) async fn unordered<F: Fetch, H: Handler>(shared: Arc<Shared<H>>, mut 
             .await
         };
         let delivery = match next {
-            None | Some(None) => return,
+            None | Some(None) => return source,
             Some(Some(Err(e))) => {
                 if !after_source_error(&shared, e, &mut backoff).await {
-                    return;
+                    return source;
                 }
                 continue;
             }
@@ -124,27 +124,27 @@ pub(crate) async fn dispatch<S: Source, H: Handler>(
     mut source: S,
     lanes: Vec<mpsc::UnboundedSender<Laned<S::Delivery>>>,
     in_flight: Arc<Semaphore>,
-) {
+) -> S {
     let mut backoff = SOURCE_ERROR_BACKOFF.0;
     loop {
         let permit = tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.shutdown.cancelled() => return source,
             permit = in_flight.clone().acquire_owned() => match permit {
                 Ok(p) => p,
-                Err(_) => return,
+                Err(_) => return source,
             },
         };
         let next = tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.shutdown.cancelled() => return source,
             next = source.next() => next,
         };
         let delivery = match next {
-            None => return,
+            None => return source,
             Some(Err(e)) => {
                 if !after_source_error(&shared, e, &mut backoff).await {
-                    return;
+                    return source;
                 }
                 continue;
             }
@@ -156,7 +156,7 @@ pub(crate) async fn dispatch<S: Source, H: Handler>(
         if let Err(mpsc::error::SendError((delivery, _permit))) = lane.send((delivery, permit)) {
             // The lane is gone (its task ended): give the message back.
             shared.release(delivery).await;
-            return;
+            return source;
         }
     }
 }
