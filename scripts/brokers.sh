@@ -1043,6 +1043,9 @@ export AWS_DEFAULT_REGION=us-east-1
 export AWS_ACCESS_KEY_ID=test
 export AWS_SECRET_ACCESS_KEY=test
 export DATABASE_URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB
+export POSTBOX_KAFKA_URL=kafka://127.0.0.1:$KAFKA_PORT
+export POSTBOX_AMQP_URL=amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f
+export POSTBOX_SQS_URL='sqs://?endpoint=http://127.0.0.1:$AWS_PORT&region=us-east-1'
 EOF
     if [[ -n "$emu" ]]; then echo "export POSTBOX_AWS_EMULATOR=$emu"; fi
     # The broker binary itself, for tests that run a Kafka broker of their own

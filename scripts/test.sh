@@ -82,6 +82,16 @@ brokers_up
 run_step "unit and integration tests" cargo test --workspace --all-targets --features "$FEATURES" --no-fail-fast
 run_step "doc tests" cargo test --workspace --doc --features "$FEATURES" --no-fail-fast
 run_step "quickstart example" timeout "$QUICKSTART_TIMEOUT" cargo run --features "$FEATURES" --example quickstart
+# The same service on every broker: only the URL changes.
+for url in "memory://" "${POSTBOX_KAFKA_URL:-}" "${POSTBOX_AMQP_URL:-}" "${POSTBOX_SQS_URL:-}"; do
+    if [ -z "$url" ]; then
+        echo "==> any_broker example: a broker URL is missing from scripts/brokers.sh env" | tee -a "$LOG"
+        FAILED_STEPS+=("any_broker example (missing URL)")
+        continue
+    fi
+    run_step "any_broker example on ${url%%://*}://" env POSTBOX_URL="$url" \
+        timeout "$QUICKSTART_TIMEOUT" cargo run --features "$FEATURES" --example any_broker
+done
 
 # Sum "test result: ok. 12 passed; 0 failed; ..." (or "FAILED.") lines.
 read -r passed failed < <(

@@ -38,6 +38,9 @@
 
 pub use postbox_core::*;
 
+mod connect;
+pub use connect::{connect, connect_from_env, URL_ENV};
+
 /// The in-memory broker (feature `memory`, on by default).
 #[cfg(feature = "memory")]
 pub mod memory {
