@@ -5,9 +5,6 @@
 //! `CI=true` or `POSTBOX_REQUIRE_BROKERS=1` (as `scripts/test.sh` sets);
 //! otherwise the test reports `SKIPPED` with the reason, by name, on stderr.
 
-use std::io::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
-
 /// `KAFKA_BOOTSTRAP_SERVERS`, default `127.0.0.1:9092`.
 pub fn kafka_bootstrap() -> String {
     env_or("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
@@ -31,37 +28,4 @@ pub fn database_url() -> String {
     )
 }
 
-/// A variable, or `default` when unset or empty.
-pub fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| default.to_string())
-}
-
-/// Whether an unreachable broker must fail the run (`CI=true` or
-/// `POSTBOX_REQUIRE_BROKERS=1`).
-pub fn brokers_required() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("POSTBOX_REQUIRE_BROKERS").is_ok_and(|v| v == "1")
-}
-
-/// Fails the test (brokers required) or reports a skip by name (brokers optional).
-pub fn unreachable(test: &str, broker: &str, why: impl std::fmt::Display) {
-    if brokers_required() {
-        panic!("{test}: {broker} is unreachable: {why} (start it with `scripts/brokers.sh up`)");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "{test}: SKIPPED ({broker} unreachable: {why}; run `scripts/brokers.sh up`, or `scripts/test.sh`)"
-    );
-}
-
-/// A name no other test run uses.
-pub fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    format!("{prefix}-{nanos}-{}", std::process::id())
-}
+pub use postbox_testkit::env::{brokers_required, unique, unreachable, var_or as env_or};

@@ -2,7 +2,6 @@
 //! skip-or-fail rule for an unreachable database.
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,26 +15,11 @@ pub fn database_url() -> String {
         .unwrap_or_else(|| "postgres://postgres:postgres@127.0.0.1:5432/postbox".to_string())
 }
 
-/// Whether an unreachable database must fail the run.
-pub fn brokers_required() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("POSTBOX_REQUIRE_BROKERS").is_ok_and(|v| v == "1")
-}
+pub use postbox_testkit::env::{brokers_required, unreachable as broker_unreachable};
 
 /// Fails the test (brokers required) or reports a skip by name.
 pub fn unreachable(test: &str, why: impl std::fmt::Display) {
     broker_unreachable(test, "postgres", why);
-}
-
-/// The same for any broker: fails (brokers required) or reports a skip by name.
-pub fn broker_unreachable(test: &str, broker: &str, why: impl std::fmt::Display) {
-    if brokers_required() {
-        panic!("{test}: {broker} is unreachable: {why} (start it with `scripts/brokers.sh up`)");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "{test}: SKIPPED ({broker} unreachable: {why}; run `scripts/brokers.sh up`, or `scripts/test.sh`)"
-    );
 }
 
 /// Counts deliveries that reach the handler stack (first deliveries,
