@@ -104,7 +104,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
     }));
     let consumer = Consumer::builder(broker.subscribe("orders"), handler)
-        .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+        .dead_letter(DeadLetterRouter::new(broker.clone()))
         .build()?
         .spawn();
 

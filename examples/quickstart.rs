@@ -64,7 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .name("billing")
         .concurrency(4)
         .retry_policy(RetryPolicy::exponential(Duration::from_millis(50)).with_max_attempts(3))
-        .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+        .dead_letter(DeadLetterRouter::new(broker.clone()))
         .build()?
         .spawn();
 

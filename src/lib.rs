@@ -24,7 +24,7 @@
 //!         println!("{} {}", env.event_type, env.id);
 //!         Ok(())
 //!     }))
-//!     .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+//!     .dead_letter(DeadLetterRouter::new(broker.clone()))
 //!     .build()?
 //!     .spawn();
 //! # tokio::task::yield_now().await;

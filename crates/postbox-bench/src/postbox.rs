@@ -70,7 +70,7 @@ impl Round<'_> {
         // The consumer is attached before the first publish.
         let consumer = Consumer::builder(self.broker.subscribe(&self.queue), handler)
             .concurrency(self.concurrency)
-            .dead_letter(DeadLetterRouter::new(Arc::new(self.broker.clone())))
+            .dead_letter(DeadLetterRouter::new(self.broker.clone()))
             .build()
             .expect("consumer config")
             .spawn();

@@ -329,9 +329,9 @@ fn consumer<H: Handler>(
     Consumer::builder(source, handler)
         .name(CONSUMER)
         .shutdown_token(b.token.clone())
-        .dead_letter(DeadLetterRouter::new(Arc::new(RecordingPublisher {
+        .dead_letter(DeadLetterRouter::new(RecordingPublisher {
             log: b.log.clone(),
-        })))
+        }))
 }
 
 /// A handler that logs `Started`/`Finished` around `f`.

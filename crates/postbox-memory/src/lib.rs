@@ -16,7 +16,7 @@
 //! let broker = MemoryBroker::new();
 //! broker.publish("orders", Envelope::new("order.placed", "{}")).await.map_err(|e| e.error)?;
 //! let consumer = Consumer::builder(broker.subscribe("orders"), handler_fn(|_env: Envelope| async { Ok(()) }))
-//!     .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+//!     .dead_letter(DeadLetterRouter::new(broker.clone()))
 //!     .build()?
 //!     .spawn();
 //! # tokio::task::yield_now().await;

@@ -1,7 +1,6 @@
 //! Per-key ordering on a real (in-memory) broker: a key that waits on an
 //! in-place retry keeps its order and never stalls the other keys.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use postbox_core::{Consumer, DeadLetterRouter, Envelope, ProcessingOrder, Publisher};
@@ -36,7 +35,7 @@ async fn a_retrying_key_with_a_backlog_does_not_stall_other_keys() {
     let consumer = Consumer::builder(broker.subscribe("q"), spy.clone())
         .concurrency(8)
         .ordering(ProcessingOrder::PerKey)
-        .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+        .dead_letter(DeadLetterRouter::new(broker.clone()))
         .build()
         .unwrap()
         .spawn();

@@ -75,7 +75,7 @@ fn consumer_reports_metrics_and_otel_spans() {
         let consumer = Consumer::builder(broker.subscribe("orders"), handler)
             .name("billing")
             .retry_policy(RetryPolicy::exponential(Duration::from_millis(5)))
-            .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+            .dead_letter(DeadLetterRouter::new(broker.clone()))
             .build()
             .unwrap()
             .spawn();
