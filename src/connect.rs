@@ -98,12 +98,14 @@ fn memory(url: &str) -> Result<AnyBroker, Error> {
         match pair.split_once('=') {
             Some(("limits", "sqs")) => limits = Limits::sqs(),
             Some(("limits", "none")) => {}
-            _ => return Err(Error::new(
-                ErrorKind::Config,
-                format!(
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
                     "memory:// does not understand `{pair}`: the only parameter is limits=sqs|none"
                 ),
-            )),
+                ))
+            }
         }
     }
     if name.is_empty() {
