@@ -82,6 +82,7 @@ pub(crate) fn count(part: Part, n: u64, payload_size: usize, window: usize) -> S
                     payload: &payload,
                     window,
                     concurrency: 1,
+                    erased: false,
                 }
                 .run(),
             );

@@ -156,7 +156,13 @@ fn parse() -> Result<Options, String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
     Raw,
-    Postbox { concurrency: usize },
+    Postbox {
+        concurrency: usize,
+    },
+    /// postbox through `AnyBroker` (what `postbox::connect` returns).
+    Erased {
+        concurrency: usize,
+    },
 }
 
 impl Variant {
@@ -164,6 +170,7 @@ impl Variant {
         match self {
             Variant::Raw => "raw tokio mpsc".to_string(),
             Variant::Postbox { concurrency } => format!("postbox c={concurrency}"),
+            Variant::Erased { concurrency } => format!("AnyBroker c={concurrency}"),
         }
     }
 }
@@ -180,7 +187,7 @@ impl Bench {
     async fn round(&mut self, variant: Variant, messages: u64) -> Duration {
         match variant {
             Variant::Raw => raw::round(messages, &self.payload, self.options.window).await,
-            Variant::Postbox { concurrency } => {
+            Variant::Postbox { concurrency } | Variant::Erased { concurrency } => {
                 self.queues += 1;
                 let (elapsed, _report) = postbox::Round {
                     broker: &self.broker,
@@ -189,6 +196,7 @@ impl Bench {
                     payload: &self.payload,
                     window: self.options.window,
                     concurrency,
+                    erased: matches!(variant, Variant::Erased { .. }),
                 }
                 .run()
                 .await;
@@ -218,9 +226,7 @@ fn main() {
     }
 
     let workers = env::cores();
-    println!(
-        "postbox-bench: raw tokio pipeline vs postbox on the in-memory broker (DESIGN.md §12)"
-    );
+    println!("postbox-bench: raw tokio pipeline vs postbox on the in-memory broker");
     println!();
     env::print(workers);
     println!(
@@ -243,7 +249,11 @@ fn main() {
         .build()
         .expect("tokio runtime");
 
-    let mut variants = vec![Variant::Raw, Variant::Postbox { concurrency: 1 }];
+    let mut variants = vec![
+        Variant::Raw,
+        Variant::Postbox { concurrency: 1 },
+        Variant::Erased { concurrency: 1 },
+    ];
     if options.only_postbox {
         variants.remove(0);
     }
@@ -329,6 +339,17 @@ fn main() {
             v.label(),
             r.median() / raw.median(),
             stats::verdict(r, raw)
+        );
+    }
+    let position = |wanted: Variant| variants.iter().position(|&v| v == wanted);
+    if let (Some(c), Some(e)) = (
+        position(Variant::Postbox { concurrency: 1 }),
+        position(Variant::Erased { concurrency: 1 }),
+    ) {
+        println!(
+            "  AnyBroker c=1 / postbox c=1 (median): {:.3}  -> {} (the cost of the type-erased handle postbox::connect returns: a boxed future per fetch and a boxed delivery)",
+            results[e].median() / results[c].median(),
+            stats::verdict(&results[e], &results[c])
         );
     }
     println!(

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use postbox_core::{
-    Consumer, DeadLetterRouter, Envelope, Handler, HandlerResult, Publisher, RunReport,
+    AnyBroker, Broker, Consumer, DeadLetterRouter, Envelope, Handler, HandlerResult, Publisher,
+    RunReport, SubscribeOptions,
 };
 use postbox_memory::MemoryBroker;
 use tokio::sync::{Notify, Semaphore};
@@ -53,6 +54,9 @@ pub(crate) struct Round<'a> {
     pub(crate) payload: &'a Bytes,
     pub(crate) window: usize,
     pub(crate) concurrency: usize,
+    /// Through the type-erased handle `postbox::connect` returns
+    /// (`AnyBroker`, boxed source and deliveries) instead of the concrete types.
+    pub(crate) erased: bool,
 }
 
 impl Round<'_> {
@@ -68,13 +72,28 @@ impl Round<'_> {
             done: done.clone(),
         };
         // The consumer is attached before the first publish.
-        let consumer = Consumer::builder(self.broker.subscribe(&self.queue), handler)
-            .concurrency(self.concurrency)
-            .dead_letter(DeadLetterRouter::new(self.broker.clone()))
-            .build()
-            .expect("consumer config")
-            .spawn();
-        let publisher = self.broker.clone();
+        let consumer = if self.erased {
+            let any = AnyBroker::new(self.broker.clone());
+            let source = any
+                .subscribe(&self.queue, SubscribeOptions::new())
+                .await
+                .expect("subscribe");
+            Consumer::builder(source, handler)
+                .concurrency(self.concurrency)
+                .dead_letter(DeadLetterRouter::new(any))
+                .build()
+                .expect("consumer config")
+                .spawn()
+        } else {
+            Consumer::builder(self.broker.subscribe(&self.queue), handler)
+                .concurrency(self.concurrency)
+                .dead_letter(DeadLetterRouter::new(self.broker.clone()))
+                .build()
+                .expect("consumer config")
+                .spawn()
+        };
+        let concrete = self.broker.clone();
+        let erased = self.erased.then(|| AnyBroker::new(self.broker.clone()));
         let payload = self.payload.clone();
         let queue = self.queue;
         let n = self.messages;
@@ -89,7 +108,10 @@ impl Round<'_> {
                     .expect("window semaphore")
                     .forget();
                 for _ in 0..step {
-                    publish(&publisher, &queue, &payload).await;
+                    match &erased {
+                        Some(any) => publish(any, &queue, &payload).await,
+                        None => publish(&concrete, &queue, &payload).await,
+                    }
                 }
                 sent += step;
             }
