@@ -109,6 +109,8 @@ pub(crate) struct Shared<H> {
     pub(crate) counters: Counters,
     pub(crate) name: String,
     pub(crate) shutdown: CancellationToken,
+    /// Handlers running now (abandoned ones are counted from it).
+    pub(crate) processing: AtomicU64,
 }
 
 /// A consumer: a source, a handler, and the failure contract between them.
@@ -193,7 +195,6 @@ impl<S: Source, H: Handler> Consumer<S, H> {
         // Each task hands the source back when it ends (or `None`), so the
         // source can be closed explicitly once no worker uses it.
         let mut tasks: JoinSet<Option<S>> = JoinSet::new();
-        let mut competing = None;
         match ordering {
             ProcessingOrder::Unordered if concurrency == 1 => {
                 let shared = shared.clone();
@@ -202,16 +203,10 @@ impl<S: Source, H: Handler> Consumer<S, H> {
                 });
             }
             ProcessingOrder::Unordered => {
-                let source = Arc::new(tokio::sync::Mutex::new(source));
-                for _ in 0..concurrency {
-                    let fetch = worker::Competing(source.clone());
-                    let shared = shared.clone();
-                    tasks.spawn(async move {
-                        worker::unordered(shared, fetch).await;
-                        None
-                    });
-                }
-                competing = Some(source);
+                let shared = shared.clone();
+                tasks.spawn(
+                    async move { Some(worker::concurrent(shared, source, concurrency).await) },
+                );
             }
             ProcessingOrder::PerKey => {
                 let mut lanes = Vec::with_capacity(concurrency);
@@ -243,7 +238,7 @@ impl<S: Source, H: Handler> Consumer<S, H> {
                 .await
                 .is_err()
         {
-            let left = tasks.len() as u64;
+            let left = shared.processing.load(AtomicOrdering::Relaxed);
             tracing::warn!(consumer = %shared.name, grace = ?grace, "grace period over; abandoning in-flight handlers unsettled (they will be redelivered)");
             shared
                 .counters
@@ -252,11 +247,7 @@ impl<S: Source, H: Handler> Consumer<S, H> {
             tasks.abort_all();
             join_all(&mut tasks, &mut returned).await;
         }
-        let source = returned.or_else(|| {
-            competing
-                .and_then(|s| Arc::try_unwrap(s).ok())
-                .map(tokio::sync::Mutex::into_inner)
-        });
+        let source = returned;
         // Explicit close: commits what was processed and leaves the group
         // (Kafka), cancels the consumer (RabbitMQ). A source a worker still
         // held when it was aborted is closed by its `Drop`.
@@ -411,6 +402,7 @@ impl<S: Source, H: Handler> ConsumerBuilder<S, H> {
                 counters: Counters::default(),
                 name,
                 shutdown: self.shutdown,
+                processing: AtomicU64::new(0),
             }),
             concurrency: self.concurrency,
             ordering: self.ordering,

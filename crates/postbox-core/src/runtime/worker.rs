@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::{decide, Counters, Decision, Shared};
 use crate::delivery::{first_failed_at, Delivery, Retry, SettleResult, Source};
@@ -44,16 +47,6 @@ impl<S: Source> Fetch for Owned<S> {
     type Delivery = S::Delivery;
     fn fetch(&mut self) -> impl Future<Output = Option<Result<S::Delivery, Error>>> + Send {
         self.0.next()
-    }
-}
-
-/// Several workers take turns on one source.
-pub(crate) struct Competing<S>(pub(crate) Arc<Mutex<S>>);
-
-impl<S: Source> Fetch for Competing<S> {
-    type Delivery = S::Delivery;
-    async fn fetch(&mut self) -> Option<Result<S::Delivery, Error>> {
-        self.0.lock().await.next().await
     }
 }
 
@@ -95,6 +88,7 @@ pub(crate) async fn unordered<F: Fetch, H: Handler>(shared: Arc<Shared<H>>, mut 
         backoff = SOURCE_ERROR_BACKOFF.0;
         Counters::add(&shared.counters.received);
         shared.metrics.in_flight.increment(1.0);
+        shared.processing.fetch_add(1, AtomicOrdering::Relaxed);
         // Handle and settle it; the success path is written out here so the
         // delivery is not moved into one more future on its way to `ack`.
         let attempt = delivery.attempt();
@@ -108,8 +102,73 @@ pub(crate) async fn unordered<F: Fetch, H: Handler>(shared: Arc<Shared<H>>, mut 
         } else {
             shared.failed(delivery, attempt, result).await;
         }
+        shared.processing.fetch_sub(1, AtomicOrdering::Relaxed);
         shared.metrics.in_flight.decrement(1.0);
     }
+}
+
+/// The unordered mode with `concurrency` > 1: one loop owns the source and
+/// drives up to `concurrency` handle-and-settle futures at once on its own
+/// task. Fetching takes no lock and spawns no task per message; while the
+/// bound is reached it only drives the in-flight futures. On shutdown it stops
+/// fetching and lets what is in flight finish (the runtime's grace period
+/// aborts it if they do not).
+pub(crate) async fn concurrent<S: Source, H: Handler>(
+    shared: Arc<Shared<H>>,
+    mut source: S,
+    concurrency: usize,
+) -> S {
+    let mut in_flight = FuturesUnordered::new();
+    let mut backoff = SOURCE_ERROR_BACKOFF.0;
+    loop {
+        // Room for one more, or shutdown.
+        while in_flight.len() >= concurrency {
+            in_flight.next().await;
+        }
+        let next = {
+            let token = &shared.shutdown;
+            let mut fetch = pin!(source.next());
+            let mut cancelled = pin!(token.cancelled());
+            std::future::poll_fn(|cx| {
+                // Finished handlers leave the set while the fetch waits.
+                while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
+                if token.is_cancelled() {
+                    return Poll::Ready(None);
+                }
+                if let Poll::Ready(next) = fetch.as_mut().poll(cx) {
+                    return Poll::Ready(Some(next));
+                }
+                cancelled.as_mut().poll(cx).map(|()| None)
+            })
+            .await
+        };
+        let delivery = match next {
+            None | Some(None) => break,
+            Some(Some(Err(e))) => {
+                let waited = {
+                    let wait = after_source_error(&shared, e, &mut backoff);
+                    let mut wait = pin!(wait);
+                    // Keep driving the in-flight handlers during the back-off.
+                    std::future::poll_fn(|cx| {
+                        while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
+                        wait.as_mut().poll(cx)
+                    })
+                    .await
+                };
+                if !waited {
+                    break;
+                }
+                continue;
+            }
+            Some(Some(Ok(delivery))) => delivery,
+        };
+        backoff = SOURCE_ERROR_BACKOFF.0;
+        Counters::add(&shared.counters.received);
+        in_flight.push(shared.process(delivery));
+    }
+    // Stopped fetching: what is in flight finishes and settles.
+    while in_flight.next().await.is_some() {}
+    source
 }
 
 /// A delivery handed to a lane, with its share of the in-flight bound.
@@ -180,13 +239,32 @@ pub(crate) async fn lane<D: Delivery, H: Handler>(
             continue;
         }
         shared.metrics.in_flight.increment(1.0);
+        shared.processing.fetch_add(1, AtomicOrdering::Relaxed);
         shared.process_in_place(delivery).await;
+        shared.processing.fetch_sub(1, AtomicOrdering::Relaxed);
         shared.metrics.in_flight.decrement(1.0);
         drop(permit);
     }
 }
 
 impl<H: Handler> Shared<H> {
+    /// Handles one delivery and settles it (unordered mode).
+    async fn process<D: Delivery>(&self, delivery: D) {
+        self.metrics.in_flight.increment(1.0);
+        self.processing.fetch_add(1, AtomicOrdering::Relaxed);
+        let attempt = delivery.attempt();
+        self.deposit_first_attempt(attempt);
+        let result = self.handler.handle(delivery.envelope()).await;
+        if result.is_ok() {
+            let acked = delivery.ack().await;
+            self.acked(acked);
+        } else {
+            self.failed(delivery, attempt, result).await;
+        }
+        self.processing.fetch_sub(1, AtomicOrdering::Relaxed);
+        self.metrics.in_flight.decrement(1.0);
+    }
+
     fn deposit_first_attempt(&self, attempt: u32) {
         if attempt <= 1 {
             if let Some(b) = &self.budget {
