@@ -3,6 +3,9 @@
 //! One set of reliable messaging abstractions over Apache Kafka, RabbitMQ and
 //! AWS SQS/SNS — and an in-process broker that needs nothing at all.
 //!
+//! * [`connect`]: a [`Broker`] handle from a URL (`memory://`, `kafka://…`,
+//!   `amqp://…`, `sqs://…`): publish, subscribe, dead-letter operations,
+//!   backlog, health, close — the same calls on every broker.
 //! * [`Envelope`]: a CloudEvents-compatible message (UUID v7 id, type, source,
 //!   time, schema version, correlation, partition key, trace context, attempt,
 //!   headers, payload).
@@ -13,14 +16,12 @@
 //!   and graceful shutdown — with the same meaning on every broker.
 //!
 //! ```
-//! use std::sync::Arc;
-//! use postbox::{handler_fn, memory::MemoryBroker, Consumer, DeadLetterRouter, Envelope, Publisher};
+//! use postbox::{handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, Publisher, SubscribeOptions};
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), postbox::Error> {
-//! let broker = MemoryBroker::new();
-//! broker.publish("orders", Envelope::json("order.placed", &serde_json::json!({"id": 1}))?)
-//!     .await
-//!     .map_err(|e| e.error)?;
-//! let consumer = Consumer::builder(broker.subscribe("orders"), handler_fn(|env: Envelope| async move {
+//! let broker = postbox::connect("memory://").await?;      // or kafka://, amqp://, sqs://
+//! let source = broker.subscribe("orders", SubscribeOptions::group("billing")).await?;
+//! broker.publish("orders", Envelope::json("order.placed", &serde_json::json!({"id": 1}))?).await?;
+//! let consumer = Consumer::builder(source, handler_fn(|env: Envelope| async move {
 //!         println!("{} {}", env.event_type, env.id);
 //!         Ok(())
 //!     }))
@@ -29,6 +30,7 @@
 //!     .spawn();
 //! # tokio::task::yield_now().await;
 //! consumer.shutdown().await?;
+//! broker.close().await?;
 //! # Ok(()) }
 //! ```
 //!
