@@ -1,5 +1,5 @@
 //! A counting global allocator: the system allocator plus two relaxed atomic
-//! counters, so a run can report allocations per message (DESIGN.md §12).
+//! counters, so a run can report allocations per message (docs/design.md §12).
 //!
 //! This is the only `unsafe` in the benchmark (see the `[lints]` note in
 //! Cargo.toml): `GlobalAlloc` is an `unsafe trait`. Every method forwards to

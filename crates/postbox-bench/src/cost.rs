@@ -1,4 +1,4 @@
-//! The code's own cost per message (DESIGN.md §12): instructions from
+//! The code's own cost per message (docs/design.md §12): instructions from
 //! `valgrind --tool=callgrind` and allocations from the counting allocator,
 //! each as the difference between a run of 2,000 and one of 1,000 deliveries,
 //! so fixed costs (runtime, broker, consumer start and shutdown) cancel out.

@@ -1,4 +1,4 @@
-//! The environment a run prints next to its numbers (DESIGN.md §12).
+//! The environment a run prints next to its numbers (docs/design.md §12).
 
 /// The CPU model from `/proc/cpuinfo`.
 pub(crate) fn cpu_model() -> String {

@@ -1,7 +1,7 @@
 //! # postbox-bench
 //!
 //! Raw tokio versus postbox on the in-memory broker, side by side in one run,
-//! following DESIGN.md §12 ("Benchmarks: how a number is earned"):
+//! following docs/design.md §12 ("Benchmarks: how a number is earned"):
 //!
 //! * **raw**: a producer task sends a message struct carrying a `Bytes`
 //!   payload through a bounded `tokio::sync::mpsc` channel to a consumer task
@@ -132,7 +132,7 @@ fn parse() -> Result<Options, String> {
         }
     }
     if o.rounds < 3 {
-        return Err("--rounds must be at least 3 (DESIGN.md §12)".into());
+        return Err("--rounds must be at least 3 (docs/design.md §12)".into());
     }
     if o.payload < 24 {
         return Err("--payload must be at least 24 bytes".into());

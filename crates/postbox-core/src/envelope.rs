@@ -176,7 +176,7 @@ impl fmt::Debug for MessageId {
 
 /// A message: metadata plus a payload of bytes.
 ///
-/// Every field maps to a CloudEvents 1.0 attribute (see `DESIGN.md` §2); the
+/// Every field maps to a CloudEvents 1.0 attribute (see `docs/design.md` §2); the
 /// codecs in [`crate::codec`] put it on the wire. Build one with
 /// [`Envelope::builder`] or [`Envelope::json`].
 ///

@@ -1,5 +1,5 @@
 //! Property tests of the CloudEvents codecs: encode → decode round-trips, and
-//! decoding arbitrary input never panics (DESIGN.md §2).
+//! decoding arbitrary input never panics (docs/design.md §2).
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime};

@@ -1,6 +1,6 @@
 //! Tests of the consumer runtime ([`postbox_core::Consumer`]) against an
 //! in-test source whose deliveries record every settle operation: the failure
-//! contract of DESIGN.md §4 and the runtime behaviour of §7.
+//! contract of docs/design.md §4 and the runtime behaviour of §7.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;

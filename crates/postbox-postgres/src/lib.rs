@@ -1,6 +1,6 @@
 //! # postbox-postgres
 //!
-//! PostgreSQL for postbox (DESIGN.md §5–§6): a shared [idempotency
+//! PostgreSQL for postbox (docs/design.md §5–§6): a shared [idempotency
 //! store](PostgresIdempotencyStore) with lease semantics, a
 //! [transactional](TransactionalLayer) handler variant that writes the
 //! processed mark in the handler's own database transaction, and the

@@ -1,4 +1,4 @@
-//! The transactional outbox and its relay (DESIGN.md §6).
+//! The transactional outbox and its relay (docs/design.md §6).
 //!
 //! [`Outbox::enqueue`] writes an envelope, as a structured CloudEvents JSON
 //! document, into `postbox_outbox` inside the application's transaction: the

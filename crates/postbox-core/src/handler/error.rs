@@ -15,7 +15,7 @@ pub enum Disposition {
     RetryAfter(Duration),
 }
 
-/// Why a message failed; the `dlq.reason` value (DESIGN.md §4).
+/// Why a message failed; the `dlq.reason` value (docs/design.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FailureReason {

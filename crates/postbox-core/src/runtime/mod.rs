@@ -1,7 +1,7 @@
 //! The consumer runtime: bounded concurrency, optional per-key ordering
 //! lanes, the outcome → settle mapping, and graceful shutdown.
 //!
-//! Invariants it keeps (DESIGN.md §4):
+//! Invariants it keeps (docs/design.md §4):
 //! 1. a message is acked only after its handler finished;
 //! 2. a message is settled after its retry or dead-letter copy is confirmed,
 //!    and released for redelivery if that publish fails;
