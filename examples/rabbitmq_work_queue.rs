@@ -22,24 +22,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 #[cfg(feature = "rabbitmq")]
 mod example {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use postbox::dlq::{DeadLetterMetadata, DeadLetterOps};
-    use postbox::rabbitmq::{
-        ExchangeKind, QueueSpec, RabbitConfig, RabbitMq, SubscribeOptions, Topology,
-    };
+    use postbox::rabbitmq::{ExchangeKind, QueueSpec, RabbitBroker, RabbitConfig, Topology};
     use postbox::{
-        handler_fn, Consumer, DeadLetterRouter, Envelope, HandlerError, Publisher, RetryPolicy,
+        handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, HandlerError, Publisher,
+        RetryPolicy, SubscribeOptions,
     };
 
     pub(crate) async fn run() -> Result<(), Box<dyn std::error::Error>> {
-        // AMQP_URL, or amqp://guest:guest@127.0.0.1:5672/%2f
-        let rabbit = RabbitMq::connect(RabbitConfig::from_env()).await?;
-        rabbit.health().await?;
+        // AMQP_URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f (unset: an error naming it)
+        let rabbit = RabbitBroker::connect(RabbitConfig::from_env()?).await?;
+        println!("connected: {}", rabbit.health().await?.detail);
 
-        // Topology (opt-in, idempotent): a topic exchange; `work` gets every
-        // order event (`order.#`), `audit` only the EU ones (`order.*.eu`).
+        // Topology (idempotent): a topic exchange; `work` gets every order
+        // event (`order.#`), `audit` only the EU ones (`order.*.eu`).
         // Each quorum queue gets `<queue>.dlq` and an x-delivery-limit safety net.
         let run = std::process::id();
         let exchange = format!("shop-{run}");
@@ -73,27 +71,27 @@ mod example {
                 Ok(())
             })
         };
-        let publisher: Arc<dyn Publisher> = Arc::new(rabbit.clone());
         let policy = RetryPolicy::exponential(Duration::from_millis(500)).with_max_attempts(3);
         let mut workers = Vec::new();
         for name in ["worker-a", "worker-b"] {
             // Competing consumers: two subscriptions on one queue; prefetch =
-            // the consumer's in-flight bound.
-            let source = rabbit
-                .subscribe(&work, SubscribeOptions::new().prefetch(2))
-                .await?;
+            // the consumer's in-flight bound. The queue is declared above.
+            let options = SubscribeOptions::new().prefetch(2).provision(false);
+            let source = rabbit.subscribe(&work, options).await?;
             workers.push(
                 Consumer::builder(source, worker(name))
                     .name(name)
                     .concurrency(2)
                     .retry_policy(policy.clone())
-                    .dead_letter(DeadLetterRouter::new(publisher.clone()))
+                    .dead_letter(DeadLetterRouter::new(rabbit.clone()))
                     .build()?
                     .spawn(),
             );
         }
         let auditor = Consumer::builder(
-            rabbit.subscribe(&audit, SubscribeOptions::new()).await?,
+            rabbit
+                .subscribe(&audit, SubscribeOptions::new().provision(false))
+                .await?,
             handler_fn(|env: Envelope| async move {
                 println!(
                     "  audit: {} {}",
@@ -104,7 +102,7 @@ mod example {
             }),
         )
         .name("audit")
-        .dead_letter(DeadLetterRouter::new(publisher.clone()))
+        .dead_letter(DeadLetterRouter::new(rabbit.clone()))
         .build()?
         .spawn();
 
@@ -142,10 +140,12 @@ mod example {
             }
         }
         println!(
-            "queue depth: {:?}, DLQ depth: {}",
-            rabbit.queue_depth(&work).await?,
-            rabbit.dlq_depth(&work).await?
+            "{work}: {:?}; DLQ depth: {}",
+            rabbit.backlog(&work, None).await?,
+            rabbit.count(&dlq).await?
         );
+        // Waits for outstanding confirms, then closes the connection.
+        rabbit.close().await?;
         Ok(())
     }
 }

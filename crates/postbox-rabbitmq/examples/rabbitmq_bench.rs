@@ -9,8 +9,9 @@
 //! Both sides: one connection each for publishing and consuming, durable
 //! classic queue, persistent messages, `mandatory`, confirms pipelined in
 //! windows of 1000, prefetch 500, the same headers on the wire (the raw side
-//! sends the headers and properties the envelope encodes to), the body read
-//! into the same type (`black_box`). Raw acks with `multiple` every 50
+//! builds the `cloudEvents:` headers and native properties of the envelope
+//! itself, from core's binary attributes), the body read into the same type
+//! (`black_box`, decoded with core's binary codec). Raw acks with `multiple` every 50
 //! messages (what a careful engineer writes); postbox acks each message after
 //! its handler. Rounds alternate raw, postbox, raw, postbox, … after a
 //! discarded warm-up; every round uses a fresh queue. Publish is measured into
@@ -26,13 +27,13 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
-use postbox_core::{handler_fn, Consumer, DeadLetterRouter, Envelope, Publisher};
-use postbox_rabbitmq::codec;
-use postbox_rabbitmq::{
-    HeaderPrefix, QueueSpec, RabbitConfig, RabbitMq, SubscribeOptions, Topology,
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use postbox_core::codec::binary;
+use postbox_core::{
+    handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, Publisher, SubscribeOptions,
 };
+use postbox_rabbitmq::{QueueSpec, RabbitBroker, RabbitConfig, Topology, DEFAULT_URL};
 
 const WINDOW: usize = 1000;
 const PREFETCH: u16 = 500;
@@ -41,7 +42,44 @@ fn url() -> String {
     std::env::var("AMQP_URL")
         .ok()
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+        .unwrap_or_else(|| DEFAULT_URL.into())
+}
+
+/// The properties postbox sends for `env`, built the way a raw lapin user
+/// would: `cloudEvents:` headers plus the native properties.
+fn raw_properties(env: &Envelope) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (name, value) in binary::encode(env).unwrap() {
+        headers.insert(
+            format!("cloudEvents:{name}").into(),
+            AMQPValue::LongString(LongString::from(value)),
+        );
+    }
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers)
+        .with_message_id(env.id.as_str().into())
+        .with_type(env.event_type.as_ref().into())
+        .with_app_id(env.source.as_ref().into())
+        .with_content_type(env.content_type.as_ref().into());
+    if let Some(t) = env.time {
+        let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        props = props.with_timestamp(secs);
+    }
+    props
+}
+
+/// The envelope of a received message, from its `cloudEvents:` headers.
+fn raw_decode(props: &BasicProperties, body: Vec<u8>) -> Envelope {
+    let headers = props.headers().as_ref().unwrap();
+    let attrs = headers.inner().iter().filter_map(|(k, v)| {
+        let name = binary::strip_prefix(k.as_str(), "cloudEvents:")?;
+        match v {
+            AMQPValue::LongString(s) => Some((name, std::str::from_utf8(s.as_bytes()).ok()?)),
+            _ => None,
+        }
+    });
+    binary::decode(attrs, bytes::Bytes::from(body)).unwrap()
 }
 
 fn envelopes(n: usize) -> Vec<Envelope> {
@@ -50,21 +88,18 @@ fn envelopes(n: usize) -> Vec<Envelope> {
         .collect()
 }
 
-async fn declare(client: &RabbitMq, name: &str) {
+async fn declare(client: &RabbitBroker, name: &str) {
     client
         .declare(&Topology::new().queue(QueueSpec::classic(name).without_dlq()))
         .await
         .unwrap();
 }
 
-async fn raw_round(client: &RabbitMq, n: usize) -> (f64, f64) {
+async fn raw_round(client: &RabbitBroker, n: usize) -> (f64, f64) {
     let queue = format!("bench-raw-{}", uuid_like());
     declare(client, &queue).await;
     let envs = envelopes(n);
-    let props: Vec<_> = envs
-        .iter()
-        .map(|e| codec::encode(e, HeaderPrefix::CloudEvents).unwrap())
-        .collect();
+    let props: Vec<_> = envs.iter().map(raw_properties).collect();
     let conn = Connection::connect(&url(), ConnectionProperties::default())
         .await
         .unwrap();
@@ -117,13 +152,7 @@ async fn raw_round(client: &RabbitMq, n: usize) -> (f64, f64) {
     let mut got = 0;
     while got < n {
         let d = consumer.next().await.unwrap().unwrap();
-        let env = codec::decode(
-            &d.properties,
-            bytes::Bytes::from(d.data),
-            codec::WireInfo::default(),
-            "x",
-        )
-        .unwrap();
+        let env = raw_decode(&d.properties, d.data);
         black_box(&env);
         got += 1;
         if got % raw_ack_every() == 0 || got == n {
@@ -143,7 +172,9 @@ async fn raw_round(client: &RabbitMq, n: usize) -> (f64, f64) {
 }
 
 async fn postbox_round(n: usize) -> (f64, f64) {
-    let client = RabbitMq::connect(RabbitConfig::new(url())).await.unwrap();
+    let client = RabbitBroker::connect(RabbitConfig::new(url()))
+        .await
+        .unwrap();
     let queue = format!("bench-pb-{}", uuid_like());
     declare(&client, &queue).await;
     let envs = envelopes(n);
@@ -160,10 +191,8 @@ async fn postbox_round(n: usize) -> (f64, f64) {
     let (notify_tx, mut notify_rx) = tokio::sync::mpsc::channel::<()>(1);
     let counter = done.clone();
     let t = Instant::now();
-    let source = client
-        .subscribe(&queue, SubscribeOptions::new().prefetch(PREFETCH))
-        .await
-        .unwrap();
+    let options = SubscribeOptions::new().prefetch(PREFETCH).provision(false);
+    let source = client.subscribe(&queue, options).await.unwrap();
     let running = Consumer::builder(
         source,
         handler_fn(move |env: Envelope| {
@@ -175,7 +204,7 @@ async fn postbox_round(n: usize) -> (f64, f64) {
         }),
     )
     .concurrency(concurrency())
-    .dead_letter(DeadLetterRouter::new(Arc::new(client.clone())))
+    .dead_letter(DeadLetterRouter::new(client.clone()))
     .build()
     .unwrap()
     .spawn();
@@ -183,6 +212,7 @@ async fn postbox_round(n: usize) -> (f64, f64) {
     let consume = n as f64 / t.elapsed().as_secs_f64();
     running.shutdown().await.unwrap();
     let _ = client.delete_queue(&queue).await;
+    client.close().await.unwrap();
     (publish, consume)
 }
 
@@ -225,7 +255,9 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(20_000);
     let rounds: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
-    let admin = RabbitMq::connect(RabbitConfig::new(url())).await.unwrap();
+    let admin = RabbitBroker::connect(RabbitConfig::new(url()))
+        .await
+        .unwrap();
     println!(
         "rabbitmq bench: {n} messages of 100 bytes per round, {rounds} rounds each, interleaved; \
          debug={}, cores={}",
@@ -260,4 +292,5 @@ async fn main() {
         };
         println!("{what}: postbox/raw median ratio {ratio:.2} {verdict}");
     }
+    admin.close().await.unwrap();
 }

@@ -32,26 +32,26 @@ use postbox_core::{Envelope, Error, ErrorKind, MessageId};
 use crate::config::HeaderPrefix;
 
 /// The prefixes accepted when decoding, in order.
-pub const DECODE_PREFIXES: [&str; 3] = ["cloudEvents:", "cloudEvents_", "ce-"];
+pub(crate) const DECODE_PREFIXES: [&str; 3] = ["cloudEvents:", "cloudEvents_", "ce-"];
 
 /// Header carrying when a delayed retry copy is due (Unix milliseconds).
-pub const DUE_HEADER: &str = "postbox-due";
+pub(crate) const DUE_HEADER: &str = "postbox-due";
 /// Header the delay exchange routes on to pick a tier queue.
-pub const TIER_HEADER: &str = "postbox-delay-tier";
+pub(crate) const TIER_HEADER: &str = "postbox-delay-tier";
 /// Header quorum queues set on redeliveries.
-pub const DELIVERY_COUNT: &str = "x-delivery-count";
+pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// Where a destination string publishes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
+pub(crate) struct Route {
     /// Exchange name (`""` is the default exchange).
-    pub exchange: String,
+    pub(crate) exchange: String,
     /// Routing key (the queue name on the default exchange).
-    pub routing_key: String,
+    pub(crate) routing_key: String,
 }
 
 /// Maps a destination string to an exchange and routing key (see the module docs).
-pub fn route(destination: &str, env: &Envelope) -> Route {
+pub(crate) fn route(destination: &str, env: &Envelope) -> Route {
     if let Some(rest) = destination.strip_prefix("exchange:") {
         let (exchange, key) = match rest.split_once('/') {
             Some((e, k)) => (e, k.to_string()),
@@ -80,13 +80,13 @@ pub(crate) fn short(what: &str, s: &str) -> Result<ShortString, Error> {
 }
 
 /// Encodes the envelope's metadata as AMQP properties + headers (the body is `env.payload`).
-pub fn encode(env: &Envelope, prefix: HeaderPrefix) -> Result<BasicProperties, Error> {
+pub(crate) fn encode(env: &Envelope, prefix: HeaderPrefix) -> Result<BasicProperties, Error> {
     let headers = encode_headers(env, prefix)?;
     Ok(properties(env, headers))
 }
 
 /// The headers table of an envelope (CloudEvents attributes and user headers).
-pub fn encode_headers(env: &Envelope, prefix: HeaderPrefix) -> Result<FieldTable, Error> {
+pub(crate) fn encode_headers(env: &Envelope, prefix: HeaderPrefix) -> Result<FieldTable, Error> {
     let attrs = binary::encode(env)?;
     let mut table = FieldTable::default();
     let p = prefix.as_str();
@@ -131,7 +131,7 @@ fn properties(env: &Envelope, headers: FieldTable) -> BasicProperties {
 }
 
 /// A header value as text (strings, numbers, booleans, timestamps); `None` for tables/arrays.
-pub fn value_text(v: &AMQPValue) -> Option<Cow<'_, str>> {
+pub(crate) fn value_text(v: &AMQPValue) -> Option<Cow<'_, str>> {
     Some(match v {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()),
         AMQPValue::ShortString(s) => Cow::Borrowed(s.as_str()),
@@ -152,7 +152,7 @@ pub fn value_text(v: &AMQPValue) -> Option<Cow<'_, str>> {
 }
 
 /// A header as an unsigned integer (any integer type, or a numeric string).
-pub fn header_u64(props: &BasicProperties, name: &str) -> Option<u64> {
+pub(crate) fn header_u64(props: &BasicProperties, name: &str) -> Option<u64> {
     let v = props.headers().as_ref()?.inner().get(name)?;
     match v {
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
@@ -169,18 +169,18 @@ pub fn header_u64(props: &BasicProperties, name: &str) -> Option<u64> {
 
 /// What a received message says about itself besides its envelope.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct WireInfo<'a> {
+pub(crate) struct WireInfo<'a> {
     /// The exchange it was published to.
-    pub exchange: &'a str,
+    pub(crate) exchange: &'a str,
     /// Its routing key.
-    pub routing_key: &'a str,
+    pub(crate) routing_key: &'a str,
     /// The queue it was consumed from.
-    pub queue: &'a str,
+    pub(crate) queue: &'a str,
 }
 
 /// Decodes a received message. Messages without CloudEvents headers are foreign
 /// and get a synthesized envelope; malformed CloudEvents headers are a `Decode` error.
-pub fn decode(
+pub(crate) fn decode(
     props: &BasicProperties,
     body: Bytes,
     info: WireInfo<'_>,
@@ -206,7 +206,7 @@ pub fn decode(
 }
 
 /// The envelope of a message postbox did not produce (see the module docs).
-pub fn foreign_envelope(
+pub(crate) fn foreign_envelope(
     props: &BasicProperties,
     body: Bytes,
     info: WireInfo<'_>,
@@ -272,12 +272,12 @@ fn content_id(props: &BasicProperties, body: &[u8], info: WireInfo<'_>) -> Strin
 }
 
 /// When a delayed copy is due, from its [`DUE_HEADER`].
-pub fn due_of(props: &BasicProperties) -> Option<SystemTime> {
+pub(crate) fn due_of(props: &BasicProperties) -> Option<SystemTime> {
     header_u64(props, DUE_HEADER).map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 /// Unix milliseconds of a time (0 before the epoch).
-pub fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
@@ -286,7 +286,7 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 /// The true attempt number: the envelope's `attempt` plus the broker's
 /// redeliveries (quorum queues count them in `x-delivery-count`; on a classic
 /// queue a redelivered message counts one more — a lower bound).
-pub fn attempt(env_attempt: u32, props: &BasicProperties, redelivered: bool) -> u32 {
+pub(crate) fn attempt(env_attempt: u32, props: &BasicProperties, redelivered: bool) -> u32 {
     match header_u64(props, DELIVERY_COUNT) {
         Some(n) => env_attempt.saturating_add(u32::try_from(n).unwrap_or(u32::MAX)),
         None if redelivered => env_attempt.saturating_add(1),

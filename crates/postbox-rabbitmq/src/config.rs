@@ -1,6 +1,7 @@
-//! Configuration: an `amqp://` / `amqps://` URL (or `AMQP_URL`) plus lapin's
-//! own [`ConnectionProperties`], and the adapter's choices (header prefix,
-//! delay tiers, reconnect backoff). `Debug` never shows the password.
+//! Configuration: an `amqp://` / `amqps://` URL plus lapin's own
+//! [`ConnectionProperties`], and the adapter's choices (header prefix, delay
+//! tiers, reconnect backoff, what `subscribe` declares). `Debug` never shows
+//! the password.
 
 use std::fmt;
 use std::time::Duration;
@@ -8,7 +9,13 @@ use std::time::Duration;
 use lapin::ConnectionProperties;
 use postbox_core::{Error, ErrorKind};
 
-/// Default URL when neither a URL nor `AMQP_URL` is given.
+use crate::topology::{tier_queue, QueueKind};
+
+/// The variable [`RabbitConfig::from_env`] reads: the broker URL.
+pub const AMQP_URL_ENV: &str = "AMQP_URL";
+
+/// The URL of [`RabbitConfig::default`]: a local development broker
+/// (`guest` / `guest`, vhost `/`).
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// RabbitMQ's default `max_message_size` (128 MiB).
@@ -16,6 +23,18 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
 
 /// The name of the headers exchange retry copies go through.
 pub const DEFAULT_DELAY_EXCHANGE: &str = "postbox.delay";
+
+/// The `basic.qos` prefetch of a subscription whose options give none.
+pub const DEFAULT_PREFETCH: u16 = 32;
+
+/// Query parameters lapin reads from the URL itself (passed through).
+const LAPIN_PARAMETERS: [&str; 5] = [
+    "frame_max",
+    "channel_max",
+    "heartbeat",
+    "connection_timeout",
+    "auth_mechanism",
+];
 
 /// Which prefix CloudEvents attributes get in the AMQP headers table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,7 +68,17 @@ pub fn default_tiers() -> Vec<Duration> {
     ms.iter().map(|&m| Duration::from_millis(m)).collect()
 }
 
-/// Configuration of a [`RabbitMq`](crate::RabbitMq) client.
+/// Configuration of a [`RabbitBroker`](crate::RabbitBroker).
+///
+/// ```
+/// use postbox_rabbitmq::{QueueKind, RabbitConfig};
+/// let config = RabbitConfig::from_url("amqp://app:s3cret@rabbit:5672/%2f?heartbeat=30")?
+///     .queue_kind(QueueKind::Classic)
+///     .prefetch(64);
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// assert_eq!(config.redacted_url(), "amqp://app:***@rabbit:5672/%2f?heartbeat=30");
+/// # Ok::<(), postbox_core::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct RabbitConfig {
     pub(crate) url: String,
@@ -63,10 +92,15 @@ pub struct RabbitConfig {
     pub(crate) foreign_type: String,
     pub(crate) declare_delay_tiers: bool,
     pub(crate) max_message_size: usize,
+    pub(crate) queue_kind: QueueKind,
+    pub(crate) prefetch: u16,
 }
 
 impl RabbitConfig {
-    /// A configuration for `url` (`amqp://user:pass@host:port/vhost` or `amqps://…`).
+    /// A configuration for `url` (`amqp://user:pass@host:port/vhost` or
+    /// `amqps://…`), taken as it is: lapin reads its own query parameters,
+    /// and the URL is checked when connecting. [`RabbitConfig::from_url`]
+    /// checks it now and also reads postbox's parameters.
     pub fn new(url: impl Into<String>) -> Self {
         RabbitConfig {
             url: url.into(),
@@ -81,16 +115,99 @@ impl RabbitConfig {
             foreign_type: postbox_core::codec::foreign::DEFAULT_FOREIGN_TYPE.to_string(),
             declare_delay_tiers: true,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            queue_kind: QueueKind::Quorum,
+            prefetch: DEFAULT_PREFETCH,
         }
     }
 
-    /// From `AMQP_URL`, or [`DEFAULT_URL`] when it is unset or empty.
-    pub fn from_env() -> Self {
-        let url = std::env::var("AMQP_URL")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| DEFAULT_URL.to_string());
-        Self::new(url)
+    /// Parses a broker URL: `amqp://user:pass@host:port/vhost?…` or
+    /// `amqps://…` (any other scheme is an [`ErrorKind::Config`] error naming
+    /// it; `amqps://` needs the `tls` feature).
+    ///
+    /// Query parameters: lapin's own (`heartbeat`, `frame_max`,
+    /// `channel_max`, `connection_timeout`, `auth_mechanism`) are passed
+    /// through; postbox reads `queue_kind` (`quorum` | `classic`), `prefetch`,
+    /// `header_prefix` (`cloudEvents:` | `cloudEvents_` | `ce-`) and
+    /// `max_message_size` (bytes). Any other parameter is a `Config` error, so
+    /// a typo does not go unnoticed. Errors never show the password.
+    pub fn from_url(url: &str) -> Result<RabbitConfig, Error> {
+        let redacted = redact_url(url);
+        let config_error = |what: String| Error::new(ErrorKind::Config, what);
+        let Some((scheme, _)) = url.split_once("://") else {
+            return Err(config_error(format!(
+                "`{redacted}` is not a RabbitMQ URL: expected amqp://host or amqps://host"
+            )));
+        };
+        if !matches!(scheme.to_ascii_lowercase().as_str(), "amqp" | "amqps") {
+            return Err(config_error(format!(
+                "unsupported scheme `{scheme}://` in `{redacted}`: a RabbitMQ URL is amqp:// or amqps://"
+            )));
+        }
+        let (head, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut config = RabbitConfig::new(head);
+        let mut passed = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let invalid = || {
+                config_error(format!(
+                    "invalid value `{value}` of the `{key}` parameter in `{redacted}`"
+                ))
+            };
+            match key {
+                "queue_kind" => {
+                    config.queue_kind = match value.to_ascii_lowercase().as_str() {
+                        "quorum" => QueueKind::Quorum,
+                        "classic" => QueueKind::Classic,
+                        _ => return Err(invalid()),
+                    }
+                }
+                "prefetch" => config = config.prefetch(value.parse().map_err(|_| invalid())?),
+                "header_prefix" => {
+                    config.prefix = match value {
+                        "cloudEvents:" | "cloudEvents%3A" | "cloudEvents%3a" => {
+                            HeaderPrefix::CloudEvents
+                        }
+                        "cloudEvents_" => HeaderPrefix::CloudEventsUnderscore,
+                        "ce-" => HeaderPrefix::Ce,
+                        _ => return Err(invalid()),
+                    }
+                }
+                "max_message_size" => {
+                    config.max_message_size = value.parse().map_err(|_| invalid())?
+                }
+                k if LAPIN_PARAMETERS.contains(&k) => passed.push(pair),
+                _ => {
+                    return Err(config_error(format!(
+                        "unknown parameter `{key}` in `{redacted}`: expected one of queue_kind, prefetch, header_prefix, max_message_size, {}",
+                        LAPIN_PARAMETERS.join(", ")
+                    )))
+                }
+            }
+        }
+        if !passed.is_empty() {
+            config.url = format!("{head}?{}", passed.join("&"));
+        }
+        if let Err(e) = config.url.parse::<lapin::uri::AMQPUri>() {
+            // lapin's message may quote the URL: only ever show it redacted.
+            let why = e.replace(&config.url, &config.redacted_url());
+            return Err(config_error(format!(
+                "`{redacted}` is not a valid AMQP URL: {why}"
+            )));
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    /// The URL in the `AMQP_URL` variable ([`RabbitConfig::from_url`]); an
+    /// unset or empty variable is an [`ErrorKind::Config`] error that names it.
+    pub fn from_env() -> Result<RabbitConfig, Error> {
+        match std::env::var(AMQP_URL_ENV) {
+            Ok(url) if !url.trim().is_empty() => Self::from_url(url.trim()),
+            _ => Err(Error::new(
+                ErrorKind::Config,
+                format!("{AMQP_URL_ENV} is not set: set it to the broker URL, e.g. amqp://user:password@host:5672/%2f"),
+            )),
+        }
     }
 
     /// lapin connection properties (client properties, auth provider, …), passed through.
@@ -155,6 +272,29 @@ impl RabbitConfig {
         self
     }
 
+    /// The queue type `subscribe` and `provision` declare (default
+    /// [`QueueKind::Quorum`]; their DLQs are always classic).
+    pub fn queue_kind(mut self, kind: QueueKind) -> Self {
+        self.queue_kind = kind;
+        self
+    }
+
+    /// The `basic.qos` prefetch of subscriptions whose options give no
+    /// prefetch hint (default 32, at least 1).
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = n.max(1);
+        self
+    }
+
+    /// The delay tier queues (`<delay exchange>.<milliseconds>ms`, shortest
+    /// first): what waits in them is scheduled for later, e.g. for monitoring.
+    pub fn delay_queues(&self) -> Vec<String> {
+        self.tiers
+            .iter()
+            .map(|&t| tier_queue(&self.delay_exchange, t))
+            .collect()
+    }
+
     /// The URL with its password replaced by `***`.
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
@@ -181,9 +321,11 @@ impl RabbitConfig {
     }
 }
 
+/// A local development broker: [`DEFAULT_URL`] (never the environment; see
+/// [`RabbitConfig::from_env`]).
 impl Default for RabbitConfig {
     fn default() -> Self {
-        Self::from_env()
+        Self::new(DEFAULT_URL)
     }
 }
 
@@ -199,17 +341,19 @@ impl fmt::Debug for RabbitConfig {
             .field("reconnect_max", &self.reconnect_max)
             .field("foreign_type", &self.foreign_type)
             .field("max_message_size", &self.max_message_size)
+            .field("queue_kind", &self.queue_kind)
+            .field("prefetch", &self.prefetch)
             .finish_non_exhaustive()
     }
 }
 
 /// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..authority_end];
     let Some(at) = authority.rfind('@') else {
         return url.to_string();
@@ -236,6 +380,10 @@ mod tests {
         assert!(dbg.contains("app:***@rabbit:5672"), "{dbg}");
         assert_eq!(redact_url("amqp://host/vh"), "amqp://host/vh");
         assert_eq!(redact_url("amqp://u@host"), "amqp://u@host");
+        assert_eq!(
+            redact_url("amqp://u:p@host?heartbeat=5"),
+            "amqp://u:***@host?heartbeat=5"
+        );
     }
 
     #[test]
@@ -250,7 +398,81 @@ mod tests {
             c.tiers,
             vec![Duration::from_secs(1), Duration::from_secs(2)]
         );
+        assert_eq!(
+            c.delay_queues(),
+            vec!["postbox.delay.1000ms", "postbox.delay.2000ms"]
+        );
         assert!(RabbitConfig::new("http://x").check().is_err());
         assert!(RabbitConfig::new("amqp://x").check().is_ok());
+    }
+
+    #[test]
+    fn from_url_reads_postbox_parameters_and_passes_lapins_through() {
+        let c = RabbitConfig::from_url(
+            "amqp://app:pw@rabbit:5672/%2f?heartbeat=30&queue_kind=classic&prefetch=0&header_prefix=ce-&max_message_size=1024&frame_max=8192",
+        )
+        .unwrap();
+        assert_eq!(
+            c.url,
+            "amqp://app:pw@rabbit:5672/%2f?heartbeat=30&frame_max=8192"
+        );
+        assert_eq!(c.queue_kind, QueueKind::Classic);
+        assert_eq!(c.prefetch, 1, "prefetch is at least 1");
+        assert_eq!(c.prefix, HeaderPrefix::Ce);
+        assert_eq!(c.max_message_size, 1024);
+        let plain = RabbitConfig::from_url("AMQP://rabbit").unwrap();
+        assert_eq!(plain.url, "AMQP://rabbit");
+        assert_eq!(plain.queue_kind, QueueKind::Quorum);
+        assert_eq!(plain.prefetch, DEFAULT_PREFETCH);
+    }
+
+    #[test]
+    fn from_url_errors_are_config_errors_without_the_password() {
+        for (url, says) in [
+            ("http://app:hunter2@rabbit", "`http://`"),
+            ("kafka://app:hunter2@rabbit:9092", "`kafka://`"),
+            ("rabbit:5672", "not a RabbitMQ URL"),
+            ("amqp://app:hunter2@rabbit?heartbaet=5", "`heartbaet`"),
+            (
+                "amqp://app:hunter2@rabbit?queue_kind=stream",
+                "`queue_kind`",
+            ),
+            ("amqp://app:hunter2@rabbit?prefetch=many", "`prefetch`"),
+            (
+                "amqp://app:hunter2@rabbit?heartbeat=soon",
+                "not a valid AMQP URL",
+            ),
+        ] {
+            let e = RabbitConfig::from_url(url).unwrap_err();
+            assert_eq!(e.kind(), &ErrorKind::Config, "{url}: {e}");
+            assert!(e.message().contains(says), "{url}: {e}");
+            assert!(!format!("{e}{e:?}").contains("hunter2"), "{url}: {e:?}");
+        }
+        if !cfg!(feature = "tls") {
+            let e = RabbitConfig::from_url("amqps://app:hunter2@rabbit").unwrap_err();
+            assert_eq!(e.kind(), &ErrorKind::Config);
+            assert!(e.message().contains("`tls` feature"), "{e}");
+            assert!(!e.message().contains("hunter2"), "{e}");
+        }
+    }
+
+    #[test]
+    fn from_env_names_the_variable_and_default_reads_no_environment() {
+        // The only test of this binary that touches AMQP_URL.
+        let saved = std::env::var(AMQP_URL_ENV).ok();
+        std::env::remove_var(AMQP_URL_ENV);
+        let e = RabbitConfig::from_env().unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::Config);
+        assert!(e.message().contains(AMQP_URL_ENV), "{e}");
+        std::env::set_var(AMQP_URL_ENV, "amqp://app:pw@elsewhere:5672/%2f");
+        assert_eq!(
+            RabbitConfig::from_env().unwrap().redacted_url(),
+            "amqp://app:***@elsewhere:5672/%2f"
+        );
+        assert_eq!(RabbitConfig::default().url, DEFAULT_URL);
+        match saved {
+            Some(v) => std::env::set_var(AMQP_URL_ENV, v),
+            None => std::env::remove_var(AMQP_URL_ENV),
+        }
     }
 }

@@ -9,11 +9,14 @@
 //! * `ack` = `basic.ack`, grouped: acks are sent as one
 //!   `basic.ack(multiple)` per 64 acks or 2 ms, whichever comes first, that
 //!   never covers a delivery still in hand (an ack completed out of order is
-//!   sent alone by the next flush). Closing the source flushes first; a
-//!   process that dies in between gets its last messages redelivered
+//!   sent alone by the next flush). [`Source::close`] cancels the consumer,
+//!   waits for the settlements it started itself (re-delays, decode
+//!   dead-letters), sends every waiting ack and closes the channel, whose
+//!   `close-ok` means the broker has processed them all, before it returns.
+//!   A process that dies without closing gets its last messages redelivered
 //!   (at-least-once, never lost).
 //!   `release` = `basic.nack(requeue)`; `retry` = a
-//!   confirmed copy into a delay tier, then `basic.ack` (see [`crate::retry`]).
+//!   confirmed copy into a delay tier, then `basic.ack` (see `retry.rs`).
 //! * Attempts: the envelope's `attempt` plus `x-delivery-count` on quorum
 //!   queues (on classic queues a redelivered message counts one more).
 //! * Recovery: when the connection or channel drops, `next` reports the error
@@ -29,7 +32,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Connection};
 use postbox_core::dlq::DeadLetterMetadata;
@@ -40,51 +45,14 @@ use postbox_core::{
 
 use crate::codec::{self, short, WireInfo};
 use crate::error::from_lapin;
-use crate::publisher::RabbitMq;
+use crate::publisher::RabbitBroker;
 use crate::retry::NOW_SLACK;
-use crate::topology::{QueueSpec, Topology};
+use crate::topology::Topology;
 use crate::SYSTEM;
 
-/// Options of a subscription.
-#[derive(Debug, Clone)]
-pub struct SubscribeOptions {
-    pub(crate) prefetch: u16,
-    pub(crate) topology: Topology,
-}
-
-impl Default for SubscribeOptions {
-    fn default() -> Self {
-        SubscribeOptions {
-            prefetch: 32,
-            topology: Topology::default(),
-        }
-    }
-}
-
-impl SubscribeOptions {
-    /// Default options: prefetch 32, nothing declared.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// `basic.qos` prefetch: the most unacked deliveries at once (at least 1).
-    pub fn prefetch(mut self, n: u16) -> Self {
-        self.prefetch = n.max(1);
-        self
-    }
-
-    /// Topology declared before consuming, and again after every reconnect.
-    pub fn declare(mut self, topology: Topology) -> Self {
-        self.topology = topology;
-        self
-    }
-
-    /// Shortcut: declare the consumed queue (and its DLQ) with this spec.
-    pub fn declare_queue(mut self, spec: QueueSpec) -> Self {
-        self.topology = self.topology.queue(spec);
-        self
-    }
-}
+/// How long closing waits for the settlements the source started itself
+/// (a re-delay or a decode dead-letter is a confirmed publish, then an ack).
+const BACKGROUND_GRACE: Duration = Duration::from_secs(35);
 
 /// Keeps a consumer's connection and channel open while it or any of its
 /// deliveries lives; dropping the last handle closes the connection, so the
@@ -93,6 +61,9 @@ struct Link {
     connection: Connection,
     channel: Channel,
     acks: Acks,
+    /// Settlements the source started on its own tasks (re-delays, decode
+    /// dead-letters); closing waits for them.
+    background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// Group commit of acks on one channel. Every delivery handed out is "in hand"
@@ -234,6 +205,49 @@ impl Acks {
 }
 
 impl Link {
+    /// Runs a settlement of the source's own on a task that closing waits for.
+    fn spawn_background(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.background.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(task));
+    }
+
+    /// The orderly end of a subscription: cancel the consumer (nothing new
+    /// arrives), finish the source's own settlements, send every waiting ack,
+    /// then close the channel — the broker answers `close-ok` only after it
+    /// processed every frame sent before, so the acks are in when this
+    /// returns — and the connection. Deliveries still unsettled go back to
+    /// the queue.
+    async fn shutdown(&self, consumer_tag: lapin::types::ShortString) -> Result<(), Error> {
+        let mut result = Ok(());
+        if self.channel.status().connected() {
+            result = self
+                .channel
+                .basic_cancel(consumer_tag, BasicCancelOptions::default())
+                .await
+                .map_err(|e| from_lapin("cancelling the consumer", e));
+            let tasks =
+                std::mem::take(&mut *self.background.lock().unwrap_or_else(|p| p.into_inner()));
+            let finished =
+                tokio::time::timeout(BACKGROUND_GRACE, futures_util::future::join_all(tasks)).await;
+            if finished.is_err() {
+                tracing::warn!(grace = ?BACKGROUND_GRACE, "a re-delay or dead-letter publish did not finish before the consumer closed; its message will be redelivered");
+            }
+            if let Err(e) = self.acks.flush(&self.channel, true).await {
+                result = result.and(Err(from_lapin("sending the last acks", e)));
+            }
+            if let Err(e) = self.channel.close(200, "closed".into()).await {
+                result = result.and(Err(from_lapin("closing the consumer channel", e)));
+            }
+        }
+        if self.connection.status().connected() {
+            if let Err(e) = self.connection.close(200, "closed".into()).await {
+                result = result.and(Err(from_lapin("closing the consumer connection", e)));
+            }
+        }
+        result
+    }
+
     /// Sends the waiting acks [`ACK_LINGER`] from now, and again while more
     /// arrive. Holds the link, so the channel closes only after the flush.
     fn schedule_flush(self: Arc<Self>) {
@@ -269,11 +283,19 @@ struct Live {
     consumer: lapin::Consumer,
 }
 
-/// A subscription to one queue.
+/// A subscription to one queue: what [`Broker::subscribe`] returns (boxed),
+/// or [`RabbitBroker::consume`] typed.
+///
+/// Close it ([`Source::close`]; the consumer runtime does) so that every ack
+/// reaches the broker before the connection goes; dropping it is a safety
+/// net that warns.
+///
+/// [`Broker::subscribe`]: postbox_core::Broker::subscribe
 pub struct RabbitSource {
-    client: RabbitMq,
+    client: RabbitBroker,
     queue: Arc<str>,
-    options: SubscribeOptions,
+    topology: Topology,
+    prefetch: u16,
     live: Option<Live>,
     backoff: Duration,
     wait_before_reconnect: Option<Duration>,
@@ -283,25 +305,46 @@ impl std::fmt::Debug for RabbitSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RabbitSource")
             .field("queue", &self.queue)
-            .field("prefetch", &self.options.prefetch)
+            .field("prefetch", &self.prefetch)
             .field("connected", &self.live.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl RabbitMq {
-    /// Subscribes to `queue` (declaring the options' topology first). The
-    /// connection is opened now, so a missing queue fails here (`NotFound`).
-    pub async fn subscribe(
+impl Drop for RabbitSource {
+    fn drop(&mut self) {
+        if self.live.is_some() {
+            tracing::warn!(queue = %self.queue, "a RabbitSource was dropped without close(); acks not sent yet are lost with its connection and their messages will be redelivered");
+        }
+    }
+}
+
+impl RabbitBroker {
+    /// Consumes `queue` with `basic.qos` prefetch `prefetch` (at least 1),
+    /// declaring `topology` first and again after every reconnect (an empty
+    /// [`Topology`] declares nothing). The connection is opened now, so a
+    /// missing queue fails here (`NotFound`).
+    ///
+    /// The power form of [`Broker::subscribe`](postbox_core::Broker::subscribe):
+    /// any exchanges, queue arguments and bindings, and a typed source.
+    pub async fn consume(
         &self,
         queue: &str,
-        options: SubscribeOptions,
+        topology: Topology,
+        prefetch: u16,
     ) -> Result<RabbitSource, Error> {
+        if queue.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "consuming needs a queue name (server-named queues are not supported)",
+            ));
+        }
         let mut source = RabbitSource {
             client: self.clone(),
             queue: Arc::from(queue),
             backoff: self.inner.config.reconnect_min,
-            options,
+            topology,
+            prefetch: prefetch.max(1),
             live: None,
             wait_before_reconnect: None,
         };
@@ -317,9 +360,9 @@ impl RabbitSource {
             .create_channel()
             .await
             .map_err(|e| from_lapin("opening a consumer channel", e))?;
-        self.options.topology.declare(&channel).await?;
+        self.topology.declare(&channel).await?;
         channel
-            .basic_qos(self.options.prefetch, BasicQosOptions::default())
+            .basic_qos(self.prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| from_lapin("setting the prefetch", e))?;
         let consumer = channel
@@ -335,7 +378,8 @@ impl RabbitSource {
             link: Arc::new(Link {
                 connection,
                 channel,
-                acks: Acks::new(self.options.prefetch),
+                acks: Acks::new(self.prefetch),
+                background: Default::default(),
             }),
             consumer,
         })
@@ -404,9 +448,10 @@ impl RabbitSource {
         due: SystemTime,
         (tag, acker): (u64, Acker),
     ) {
-        let (client, queue, link) = (self.client.clone(), self.queue.clone(), link.clone());
-        tokio::spawn(async move {
-            match client.publish_delayed(&queue, &env, due).await {
+        let (client, queue, task_link) = (self.client.clone(), self.queue.clone(), link.clone());
+        link.spawn_background(async move {
+            let link = task_link;
+            match client.publish_due(&queue, &env, due).await {
                 Ok(()) => {
                     let _ = acker.ack(BasicAckOptions::default()).await;
                 }
@@ -432,8 +477,9 @@ impl RabbitSource {
         error: Error,
         (tag, acker): (u64, Acker),
     ) {
-        let (client, queue, link) = (self.client.clone(), self.queue.clone(), link.clone());
-        tokio::spawn(async move {
+        let (client, queue, task_link) = (self.client.clone(), self.queue.clone(), link.clone());
+        link.spawn_background(async move {
+            let link = task_link;
             let now = SystemTime::now();
             DeadLetterMetadata {
                 reason: FailureReason::Decode,
@@ -477,6 +523,10 @@ impl Source for RabbitSource {
     async fn next(&mut self) -> Option<Result<RabbitDelivery, Error>> {
         loop {
             if self.live.is_none() {
+                if self.client.is_closed() {
+                    // The broker handle was closed: no reconnecting.
+                    return None;
+                }
                 if let Some(wait) = self.wait_before_reconnect {
                     tokio::time::sleep(wait).await;
                     self.wait_before_reconnect = None;
@@ -525,6 +575,18 @@ impl Source for RabbitSource {
     fn destination(&self) -> &str {
         &self.queue
     }
+
+    async fn close(mut self) -> Result<(), Error> {
+        let Some(Live { link, consumer }) = self.live.take() else {
+            return Ok(());
+        };
+        let result = link.shutdown(consumer.tag()).await;
+        drop(consumer);
+        if let Err(e) = &result {
+            tracing::warn!(queue = %self.queue, error = %e, "closing the consumer failed; unacked messages will be redelivered");
+        }
+        result
+    }
 }
 
 /// A message received from RabbitMQ, awaiting settlement.
@@ -535,7 +597,7 @@ pub struct RabbitDelivery {
     tag: u64,
     acker: Acker,
     link: Arc<Link>,
-    client: RabbitMq,
+    client: RabbitBroker,
 }
 
 impl std::fmt::Debug for RabbitDelivery {
@@ -601,7 +663,7 @@ impl Delivery for RabbitDelivery {
     async fn retry(self, retry: Retry) -> SettleResult<Self> {
         let copy = retry.next_envelope(&self.envelope);
         let due = SystemTime::now() + retry.delay;
-        if let Err(e) = self.client.publish_delayed(&self.queue, &copy, due).await {
+        if let Err(e) = self.client.publish_due(&self.queue, &copy, due).await {
             return Err(SettleError::new(e, self));
         }
         self.ack().await

@@ -16,13 +16,13 @@ use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use postbox_core::{Error, ErrorKind};
 
 /// Converts a lapin error into core's error, with `what` describing the operation.
-pub fn from_lapin(what: impl Into<String>, e: lapin::Error) -> Error {
+pub(crate) fn from_lapin(what: impl Into<String>, e: lapin::Error) -> Error {
     let kind = kind_of(&e);
     Error::new(kind, format!("{}: {e}", what.into())).with_source(e)
 }
 
 /// The [`ErrorKind`] a lapin error maps to.
-pub fn kind_of(e: &lapin::Error) -> ErrorKind {
+pub(crate) fn kind_of(e: &lapin::Error) -> ErrorKind {
     use lapin::ErrorKind as K;
     match e.kind() {
         K::IOError(_) | K::MissingHeartbeatError | K::RuntimeShutdownError(_) => {
@@ -50,20 +50,6 @@ pub fn kind_of(e: &lapin::Error) -> ErrorKind {
     }
 }
 
-/// Whether a lapin error means the connection or channel is gone (reconnect).
-pub fn is_link_error(e: &lapin::Error) -> bool {
-    matches!(kind_of(e), ErrorKind::Connection | ErrorKind::Closed) || e.is_amqp_hard_error()
-}
-
-/// Whether an operation that failed this way may succeed when tried again.
-pub fn is_retryable(e: &lapin::Error) -> bool {
-    from_kind_retryable(&kind_of(e))
-}
-
-fn from_kind_retryable(kind: &ErrorKind) -> bool {
-    Error::new(kind.clone(), "").is_retryable()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,9 +59,9 @@ mod tests {
         let e: lapin::Error =
             std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset").into();
         assert_eq!(kind_of(&e), ErrorKind::Connection);
-        assert!(is_retryable(&e));
-        assert!(is_link_error(&e));
         let mapped = from_lapin("publishing", e);
+        assert!(mapped.is_retryable());
+        assert_eq!(mapped.kind(), &ErrorKind::Connection);
         assert!(std::error::Error::source(&mapped).is_some());
     }
 }

@@ -1,57 +1,71 @@
 //! # postbox-rabbitmq
 //!
-//! The RabbitMQ (AMQP 0-9-1) adapter of postbox, on [lapin].
+//! The RabbitMQ (AMQP 0-9-1) adapter of postbox, on [lapin]. No broker
+//! plugin is needed.
 //!
-//! * [`RabbitMq`] is the client: a [`Publisher`](postbox_core::Publisher)
-//!   (confirms + `mandatory`, persistent, pipelined), a factory of
-//!   [`RabbitSource`] subscriptions (manual acks, prefetch), topology
-//!   declaration ([`Topology`]), delay tiers for retries ([`retry`]) and
-//!   [`DeadLetterOps`](postbox_core::DeadLetterOps) (count, peek, replay, purge).
-//! * Destinations: `orders` (or `queue:orders`) publishes to the queue
-//!   `orders` through the default exchange; `exchange:events` publishes to the
-//!   exchange `events` with the envelope key as routing key;
-//!   `exchange:events/order.placed` gives the routing key.
+//! [`RabbitBroker`] is the handle: a [`Broker`](postbox_core::Broker) that
+//! publishes (publisher confirms + `mandatory`, persistent, pipelined),
+//! subscribes ([`RabbitSource`]: manual acks, prefetch, grouped acks),
+//! provisions queues with their `<queue>.dlq`, reports [`Backlog`](postbox_core::Backlog)
+//! and [`Health`](postbox_core::Health), publishes with a delay through
+//! delay-tier queues (also how retries wait), operates dead-letter queues
+//! ([`DeadLetterOps`](postbox_core::DeadLetterOps)) and declares any
+//! [`Topology`].
+//!
+//! * Publishing: `orders` (or `queue:orders`) is the queue `orders` through
+//!   the default exchange; `exchange:events` is the exchange `events` with the
+//!   envelope key as routing key; `exchange:events/order.placed` gives the
+//!   routing key.
+//! * Subscribing: `orders` consumes the queue `orders` (every subscriber
+//!   competes, whatever the group); `exchange:events` with group `billing`
+//!   consumes the queue `events.billing` bound to the fanout exchange
+//!   `events`, so each group gets every message.
 //! * Wire format: CloudEvents binary mode with `cloudEvents:` headers plus the
-//!   native properties ([`codec`]).
+//!   native AMQP properties ([`HeaderPrefix`]).
 //!
 //! ```no_run
-//! use postbox_core::{Consumer, DeadLetterRouter, Envelope, Publisher, handler_fn};
-//! use postbox_rabbitmq::{QueueSpec, RabbitConfig, RabbitMq, SubscribeOptions};
-//! use std::sync::Arc;
+//! use postbox_core::{handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, Publisher, SubscribeOptions};
+//! use postbox_rabbitmq::{RabbitBroker, RabbitConfig};
 //!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let rabbit = RabbitMq::connect(RabbitConfig::from_env()).await?;
+//! # async fn run() -> Result<(), postbox_core::Error> {
+//! // Or `postbox::connect("amqp://…")` for the type-erased handle.
+//! let rabbit = RabbitBroker::connect(RabbitConfig::from_url("amqp://guest:guest@127.0.0.1:5672/%2f")?).await?;
 //! let source = rabbit
-//!     .subscribe("orders", SubscribeOptions::new().prefetch(8).declare_queue(QueueSpec::quorum("orders")))
-//!     .await?;
-//! rabbit.publish("orders", Envelope::new("order.placed", r#"{"id":1}"#)).await?;
-//! let consumer = Consumer::builder(source, handler_fn(|env: Envelope| {
+//!     .subscribe("exchange:orders", SubscribeOptions::group("billing").prefetch(8))
+//!     .await?; // declares the fanout exchange `orders` and the queue `orders.billing`
+//! rabbit.publish("exchange:orders", Envelope::new("order.placed", r#"{"id":1}"#)).await?;
+//! let consumer = Consumer::builder(source, handler_fn(|env: Envelope| async move {
 //!         println!("got {}", env.id);
-//!         async { Ok(()) }
+//!         Ok(())
 //!     }))
 //!     .concurrency(8)
-//!     .dead_letter(DeadLetterRouter::new(Arc::new(rabbit.clone())))
+//!     .dead_letter(DeadLetterRouter::new(rabbit.clone()))
 //!     .build()?
 //!     .spawn();
+//! // … on SIGTERM: stop consuming (every ack reaches the broker), then close.
 //! consumer.shutdown().await?;
+//! rabbit.close().await?;
 //! # Ok(()) }
 //! ```
 
-pub mod codec;
-pub mod config;
+mod broker;
+mod codec;
+mod config;
 mod consumer;
-pub mod error;
+mod error;
 mod ops;
 mod publisher;
-pub mod retry;
-pub mod topology;
+mod retry;
+mod topology;
 
-pub use config::{HeaderPrefix, RabbitConfig};
-pub use consumer::{RabbitDelivery, RabbitSource, SubscribeOptions};
+pub use config::{
+    default_tiers, HeaderPrefix, RabbitConfig, AMQP_URL_ENV, DEFAULT_DELAY_EXCHANGE,
+    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PREFETCH, DEFAULT_URL,
+};
+pub use consumer::{RabbitDelivery, RabbitSource};
 pub use lapin::{ConnectionProperties, ExchangeKind};
-pub use ops::QueueDepth;
-pub use publisher::RabbitMq;
-pub use topology::{Overflow, QueueKind, QueueSpec, Topology};
+pub use publisher::RabbitBroker;
+pub use topology::{BindingSpec, ExchangeSpec, Overflow, QueueKind, QueueSpec, Topology};
 
 /// `messaging.system` of this adapter.
 pub const SYSTEM: &str = "rabbitmq";

@@ -1,5 +1,6 @@
 //! Operations: DLQ count / peek / replay / purge ([`DeadLetterOps`]), queue
-//! depth probes (passive `queue.declare`) and a health check.
+//! depth probes (passive `queue.declare`, behind `Broker::backlog`) and queue
+//! deletion.
 //!
 //! Each operation runs on its own short-lived channel of the publishing
 //! connection, so a `404` for a missing queue closes only that channel.
@@ -25,20 +26,20 @@ use postbox_core::{DeadLetterOps, Envelope, Error, Publisher, ReplayReport};
 
 use crate::codec::{self, short, WireInfo};
 use crate::error::from_lapin;
-use crate::publisher::RabbitMq;
+use crate::publisher::RabbitBroker;
 
 /// Depth of a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueDepth {
+pub(crate) struct QueueDepth {
     /// Messages ready for delivery (not counting unacked ones).
-    pub messages: u64,
+    pub(crate) messages: u64,
     /// Consumers attached.
-    pub consumers: u64,
+    pub(crate) consumers: u64,
 }
 
-impl RabbitMq {
+impl RabbitBroker {
     /// The depth of `queue` (passive declare; `NotFound` if it does not exist).
-    pub async fn queue_depth(&self, queue: &str) -> Result<QueueDepth, Error> {
+    pub(crate) async fn queue_depth(&self, queue: &str) -> Result<QueueDepth, Error> {
         let channel = self.side_channel().await?;
         let r = channel
             .queue_declare(
@@ -59,14 +60,6 @@ impl RabbitMq {
         })
     }
 
-    /// The depth of `<queue>.dlq`.
-    pub async fn dlq_depth(&self, queue: &str) -> Result<u64, Error> {
-        Ok(self
-            .queue_depth(&postbox_core::dlq::default_destination(queue))
-            .await?
-            .messages)
-    }
-
     /// Deletes a queue (and its messages); returns how many messages it held.
     pub async fn delete_queue(&self, queue: &str) -> Result<u64, Error> {
         let channel = self.side_channel().await?;
@@ -76,14 +69,6 @@ impl RabbitMq {
             .map_err(|e| from_lapin(format!("deleting queue {queue}"), e));
         close(&channel).await;
         Ok(u64::from(r?))
-    }
-
-    /// Checks connectivity: the publishing connection is (or can be) open and
-    /// the broker answers on a fresh channel.
-    pub async fn health(&self) -> Result<(), Error> {
-        let channel = self.side_channel().await?;
-        close(&channel).await;
-        Ok(())
     }
 
     fn decode_lenient(&self, queue: &str, d: lapin::message::Delivery) -> Envelope {
@@ -99,7 +84,7 @@ impl RabbitMq {
     }
 }
 
-async fn close(channel: &Channel) {
+pub(crate) async fn close(channel: &Channel) {
     if channel.status().connected() {
         let _ = channel.close(200, "done".into()).await;
     }
@@ -117,7 +102,7 @@ async fn get(channel: &Channel, queue: &str) -> Result<Option<lapin::message::De
 }
 
 #[async_trait]
-impl DeadLetterOps for RabbitMq {
+impl DeadLetterOps for RabbitBroker {
     async fn count(&self, dlq: &str) -> Result<u64, Error> {
         Ok(self.queue_depth(dlq).await?.messages)
     }

@@ -1,6 +1,6 @@
-//! The client handle and its [`Publisher`] implementation.
+//! The broker handle and its [`Publisher`] implementation.
 //!
-//! One [`RabbitMq`] holds one publishing connection with one channel in
+//! One [`RabbitBroker`] holds one publishing connection with one channel in
 //! confirm mode, shared by every clone. Each publish is `mandatory` and
 //! persistent (`delivery_mode = 2`) and returns only after the broker's
 //! confirm: an unroutable message comes back as `basic.return` and is an
@@ -11,9 +11,10 @@
 //!
 //! When the connection or channel is lost, publishes in flight fail with a
 //! `Connection`/`Closed` error (never success without a confirm) and the next
-//! publish reconnects.
+//! publish reconnects. After [`RabbitBroker::close`](postbox_core::Broker::close)
+//! every publish fails with [`ErrorKind::Closed`].
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,11 +32,14 @@ use crate::SYSTEM;
 /// How long a publish waits for its confirm before reporting a `Timeout`.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A RabbitMQ client: publisher, subscription factory, topology and DLQ operations.
+/// The RabbitMQ broker handle: a [`postbox_core::Broker`] (publish, subscribe,
+/// provision, backlog, health, delayed publish, close), dead-letter
+/// operations, and topology declaration.
 ///
-/// Cheap to clone; clones share the publishing connection.
+/// Cheap to clone; clones share the publishing connection, and closing one
+/// closes them all.
 #[derive(Clone)]
-pub struct RabbitMq {
+pub struct RabbitBroker {
     pub(crate) inner: Arc<Inner>,
 }
 
@@ -44,6 +48,17 @@ pub(crate) struct Inner {
     link: Mutex<Option<Link>>,
     reconnect: tokio::sync::Mutex<()>,
     metrics: PublisherMetrics,
+    closed: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let link = self.link.get_mut().unwrap_or_else(|p| p.into_inner());
+        if !self.closed.load(Ordering::Acquire) && link.as_ref().is_some_and(Link::usable) {
+            // lapin still closes the connection when it is dropped.
+            tracing::warn!(url = %self.config.redacted_url(), "a RabbitBroker was dropped without close(); closing its connection without waiting for outstanding confirms");
+        }
+    }
 }
 
 /// The live publishing connection and its confirm channel.
@@ -60,39 +75,91 @@ impl Link {
     }
 }
 
-impl std::fmt::Debug for RabbitMq {
+impl std::fmt::Debug for RabbitBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RabbitMq")
+        f.debug_struct("RabbitBroker")
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
 }
 
-impl RabbitMq {
+impl RabbitBroker {
     /// Connects with `config` (the publishing connection is opened now, so a
     /// wrong URL or credentials fail here).
     pub async fn connect(config: RabbitConfig) -> Result<Self, Error> {
-        let client = Self::lazy(config)?;
-        client.link().await?;
-        Ok(client)
+        let broker = Self::lazy(config)?;
+        broker.link().await?;
+        Ok(broker)
     }
 
-    /// Connects to `AMQP_URL` (or the local default).
+    /// Connects to the URL in `AMQP_URL` ([`RabbitConfig::from_env`]): an
+    /// unset variable is an [`ErrorKind::Config`] error that names it.
     pub async fn from_env() -> Result<Self, Error> {
-        Self::connect(RabbitConfig::from_env()).await
+        Self::connect(RabbitConfig::from_env()?).await
     }
 
-    /// A client that connects on first use.
+    /// A handle that connects on first use.
     pub fn lazy(config: RabbitConfig) -> Result<Self, Error> {
         config.check()?;
-        Ok(RabbitMq {
+        Ok(RabbitBroker {
             inner: Arc::new(Inner {
                 config,
                 link: Mutex::new(None),
                 reconnect: tokio::sync::Mutex::new(()),
                 metrics: PublisherMetrics::new(SYSTEM),
+                closed: AtomicBool::new(false),
             }),
         })
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::new(
+            ErrorKind::Closed,
+            format!(
+                "the RabbitMQ broker handle for {} is closed",
+                self.inner.config.redacted_url()
+            ),
+        )
+    }
+
+    /// Closes the publishing connection once every outstanding confirm is in
+    /// (idempotent); afterwards publishing fails with [`ErrorKind::Closed`].
+    pub(crate) async fn shut(&self) -> Result<(), Error> {
+        let _one_at_a_time = self.inner.reconnect.lock().await;
+        self.inner.closed.store(true, Ordering::Release);
+        let link = self
+            .inner
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(link) = link else {
+            return Ok(());
+        };
+        let mut result = Ok(());
+        if link.channel.status().connected() {
+            match tokio::time::timeout(CONFIRM_TIMEOUT, link.channel.wait_for_confirms()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => result = Err(from_lapin("waiting for outstanding confirms", e)),
+                Err(_) => {
+                    result = Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!("outstanding confirms did not arrive within {CONFIRM_TIMEOUT:?}"),
+                    ))
+                }
+            }
+            let _ = link.channel.close(200, "closed".into()).await;
+        }
+        if link.connection.status().connected() {
+            if let Err(e) = link.connection.close(200, "closed".into()).await {
+                result = result.and(Err(from_lapin("closing the connection", e)));
+            }
+        }
+        result
     }
 
     /// The configuration.
@@ -100,8 +167,11 @@ impl RabbitMq {
         &self.inner.config
     }
 
-    /// Opens a new connection with the client's configuration.
+    /// Opens a new connection with the handle's configuration.
     pub(crate) async fn open_connection(&self) -> Result<Connection, Error> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
         let cfg = &self.inner.config;
         match tokio::time::timeout(
             cfg.connect_timeout,
@@ -132,10 +202,16 @@ impl RabbitMq {
 
     /// The publishing link, (re)connecting if it is gone.
     pub(crate) async fn link(&self) -> Result<Link, Error> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
         if let Some(l) = self.current() {
             return Ok(l);
         }
         let _one_at_a_time = self.inner.reconnect.lock().await;
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
         if let Some(l) = self.current() {
             return Ok(l);
         }
@@ -292,7 +368,7 @@ pub(crate) async fn confirmed(route: &Route, confirm: PublisherConfirm) -> Resul
 }
 
 #[async_trait]
-impl Publisher for RabbitMq {
+impl Publisher for RabbitBroker {
     async fn publish(&self, destination: &str, envelope: Envelope) -> Result<(), PublishError> {
         let result = async {
             let (route, props) = self.encode(destination, &envelope)?;

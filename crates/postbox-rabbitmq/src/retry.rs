@@ -23,6 +23,10 @@
 //! if that publish fails the delivery is handed back unsettled.
 //! Attempt and due metadata are written fresh on every copy (headers are
 //! replaced, never appended; the broker's `x-death` is not carried over).
+//!
+//! [`Broker::publish_delayed`](postbox_core::Broker::publish_delayed) uses the
+//! same path: the message is published into a tier with its due time, and
+//! the consumers of its queue re-delay it until it is due.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
@@ -31,13 +35,13 @@ use lapin::types::{AMQPValue, LongString};
 use postbox_core::{Envelope, Error};
 
 use crate::codec::{self, Route, DUE_HEADER, TIER_HEADER};
-use crate::publisher::{confirmed, RabbitMq};
+use crate::publisher::{confirmed, Link, RabbitBroker};
 use crate::topology;
 
 /// Below this remaining delay a message is delivered now.
-pub const NOW_SLACK: Duration = Duration::from_millis(5);
+pub(crate) const NOW_SLACK: Duration = Duration::from_millis(5);
 
-impl RabbitMq {
+impl RabbitBroker {
     /// Declares the delay exchange and tier queues (idempotent).
     pub async fn declare_delay_tiers(&self) -> Result<(), Error> {
         let channel = self.side_channel().await?;
@@ -47,7 +51,17 @@ impl RabbitMq {
         r
     }
 
-    /// Declares a [`Topology`](crate::Topology) (idempotent; opt-in).
+    /// Declares the delay tiers once per publishing connection (when the
+    /// configuration asks for it).
+    pub(crate) async fn ensure_delay_tiers(&self, link: &Link) -> Result<(), Error> {
+        if self.inner.config.declare_delay_tiers && !link.tiers_ready.load(Ordering::Acquire) {
+            self.declare_delay_tiers().await?;
+            link.tiers_ready.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Declares a [`Topology`](crate::Topology) (idempotent).
     pub async fn declare(&self, topology: &crate::Topology) -> Result<(), Error> {
         let channel = self.side_channel().await?;
         let r = topology.declare(&channel).await;
@@ -59,7 +73,7 @@ impl RabbitMq {
 
     /// Publishes `env` so that it arrives on `origin_queue` at `due`, and waits
     /// for the broker's confirm.
-    pub(crate) async fn publish_delayed(
+    pub(crate) async fn publish_due(
         &self,
         origin_queue: &str,
         env: &Envelope,
@@ -79,10 +93,7 @@ impl RabbitMq {
                 routing_key: origin_queue.to_string(),
             },
             Some(tier) => {
-                if cfg.declare_delay_tiers && !link.tiers_ready.load(Ordering::Acquire) {
-                    self.declare_delay_tiers().await?;
-                    link.tiers_ready.store(true, Ordering::Release);
-                }
+                self.ensure_delay_tiers(&link).await?;
                 headers.insert(
                     TIER_HEADER.into(),
                     AMQPValue::LongString(LongString::from(topology::tier_key(tier))),

@@ -1,6 +1,6 @@
 //! Topology: exchanges, queues (classic or quorum, length limits, DLQ), bindings
-//! and the delay tiers. Declaring is opt-in and idempotent (declaring the same
-//! thing twice is a no-op; declaring a queue with *different* arguments is a
+//! and the delay tiers. Declaring is idempotent (declaring the same thing
+//! twice is a no-op; declaring a queue with *different* arguments is a
 //! `Config` error from the broker, `406 PRECONDITION_FAILED`).
 //!
 //! Every queue declared with a [`QueueSpec`] (unless [`QueueSpec::without_dlq`])
@@ -271,7 +271,7 @@ impl Topology {
     }
 
     /// Declares everything on `channel` (idempotent).
-    pub async fn declare(&self, channel: &Channel) -> Result<(), Error> {
+    pub(crate) async fn declare(&self, channel: &Channel) -> Result<(), Error> {
         for e in &self.exchanges {
             declare_exchange(channel, &e.name, e.kind.clone()).await?;
         }
@@ -295,7 +295,7 @@ impl Topology {
 }
 
 /// Declares a durable exchange.
-pub async fn declare_exchange(
+pub(crate) async fn declare_exchange(
     channel: &Channel,
     name: &str,
     kind: ExchangeKind,
@@ -315,7 +315,7 @@ pub async fn declare_exchange(
 }
 
 /// Declares a queue (and its DLQ first).
-pub async fn declare_queue(channel: &Channel, spec: &QueueSpec) -> Result<(), Error> {
+pub(crate) async fn declare_queue(channel: &Channel, spec: &QueueSpec) -> Result<(), Error> {
     if spec.dead_letter {
         let dlq = spec.dlq_name();
         channel
@@ -342,12 +342,12 @@ fn durable() -> QueueDeclareOptions {
 }
 
 /// The tier queue for `tier`: `<delay exchange>.<milliseconds>ms`.
-pub fn tier_queue(exchange: &str, tier: Duration) -> String {
+pub(crate) fn tier_queue(exchange: &str, tier: Duration) -> String {
     format!("{exchange}.{}ms", tier.as_millis())
 }
 
 /// The value of [`TIER_HEADER`] that routes to `tier`.
-pub fn tier_key(tier: Duration) -> String {
+pub(crate) fn tier_key(tier: Duration) -> String {
     format!("{}ms", tier.as_millis())
 }
 
@@ -355,7 +355,7 @@ pub fn tier_key(tier: Duration) -> String {
 /// `x-message-ttl` and dead-lettering to the default exchange *without* a
 /// routing-key override, so an expired copy goes back to the queue named by
 /// its routing key: its origin queue.
-pub async fn declare_delay_tiers(
+pub(crate) async fn declare_delay_tiers(
     channel: &Channel,
     exchange: &str,
     tiers: &[Duration],
@@ -394,7 +394,11 @@ pub async fn declare_delay_tiers(
 /// The tier a remaining delay waits in: the longest tier not longer than it
 /// (the rest is served by further hops), or the shortest tier when the delay is
 /// shorter than every tier but longer than `now_slack`; `None` means deliver now.
-pub fn tier_for(tiers: &[Duration], remaining: Duration, now_slack: Duration) -> Option<Duration> {
+pub(crate) fn tier_for(
+    tiers: &[Duration],
+    remaining: Duration,
+    now_slack: Duration,
+) -> Option<Duration> {
     if remaining <= now_slack {
         return None;
     }

@@ -1,115 +1,86 @@
-//! The postbox conformance suite against the real RabbitMQ, twice: with
-//! quorum queues (the default) and with classic queues.
+//! The postbox conformance suite against the real RabbitMQ through the
+//! `Broker` trait, twice: with quorum queues (the default) and with classic
+//! queues.
 //!
-//! Topology: a *topic* is a fanout exchange (destination `exchange:<name>`),
-//! a *group* is a queue `<name>.<group>` bound to it, with its `<queue>.dlq`.
+//! Topics are `exchange:<unique>` destinations, so each group gets its own
+//! queue `<exchange>.<group>` (with `<queue>.dlq`) bound to the fanout
+//! exchange, declared by `provision` / `subscribe`.
 
 mod common;
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use postbox_core::{BoxSource, DeadLetterOps, Error, Publisher};
-use postbox_rabbitmq::{
-    ExchangeKind, QueueKind, QueueSpec, RabbitConfig, RabbitMq, SubscribeOptions, Topology,
-};
-use postbox_testkit::{Capabilities, Harness};
+use postbox_core::{Broker, SubscribeOptions};
+use postbox_rabbitmq::{QueueKind, RabbitBroker, RabbitConfig};
+use postbox_testkit::{env, BrokerHarness, Capabilities};
 
 /// The configured body limit (RabbitMQ's own default is 128 MiB; smaller here
 /// so the limit test does not allocate that much).
 const MAX_BODY: usize = 1024 * 1024;
 
-struct RabbitHarness {
-    client: RabbitMq,
-    /// Queues declared by this test, deleted when it passes.
-    queues: std::sync::Mutex<std::collections::BTreeSet<String>>,
-    kind: QueueKind,
-    name: &'static str,
+/// Exchanges and groups a test named, so their queues can be deleted after
+/// it passed (a test broker would otherwise keep every test's queues).
+#[derive(Default)]
+struct Names {
+    exchanges: BTreeSet<String>,
+    groups: BTreeSet<String>,
 }
 
-impl RabbitHarness {
-    async fn new(test: &str, kind: QueueKind) -> Option<Self> {
-        let config = RabbitConfig::new(common::amqp_url()).max_message_size(MAX_BODY);
-        let client = common::client_with(test, config).await?;
+struct Run {
+    harness: BrokerHarness,
+    broker: RabbitBroker,
+    names: Arc<Mutex<Names>>,
+}
+
+impl Run {
+    async fn new(test: &str, kind: QueueKind) -> Option<Run> {
+        let config = RabbitConfig::new(common::amqp_url())
+            .max_message_size(MAX_BODY)
+            .queue_kind(kind);
+        let broker = common::broker_with(test, config).await?;
+        let declared = broker.capabilities();
+        // Delays are served by TTL tiers (a chain of broker hops): generous tolerance.
+        let mut caps = Capabilities::all(Duration::from_millis(1000));
+        caps.size_limit = declared.max_message_bytes;
+        caps.header_limit = declared.max_headers;
         let name = match kind {
             QueueKind::Quorum => "rabbitmq-quorum",
             QueueKind::Classic => "rabbitmq-classic",
         };
-        Some(RabbitHarness {
-            client,
-            queues: Default::default(),
-            kind,
-            name,
+        let names = Arc::new(Mutex::new(Names::default()));
+        let (topics, groups) = (names.clone(), names.clone());
+        let harness = BrokerHarness::new(name, broker.clone(), caps)
+            .topics(move |test| {
+                let exchange = env::unique(&format!("pb-{test}"));
+                topics.lock().unwrap().exchanges.insert(exchange.clone());
+                format!("exchange:{exchange}")
+            })
+            .options(move |group| {
+                groups.lock().unwrap().groups.insert(group.to_string());
+                SubscribeOptions::group(group).prefetch(16)
+            });
+        Some(Run {
+            harness,
+            broker,
+            names,
         })
     }
 
-    fn spec(&self, queue: &str) -> QueueSpec {
-        match self.kind {
-            QueueKind::Quorum => QueueSpec::quorum(queue),
-            QueueKind::Classic => QueueSpec::classic(queue),
+    async fn cleanup(self) {
+        let names = std::mem::take(&mut *self.names.lock().unwrap());
+        for exchange in &names.exchanges {
+            for group in &names.groups {
+                let queue = format!("{exchange}.{group}");
+                let _ = self.broker.delete_queue(&queue).await;
+                let _ = self.broker.delete_queue(&format!("{queue}.dlq")).await;
+            }
         }
-    }
-
-    async fn cleanup(&self) {
-        let queues = std::mem::take(&mut *self.queues.lock().unwrap());
-        for q in queues {
-            let _ = self.client.delete_queue(&q).await;
-            let _ = self.client.delete_queue(&format!("{q}.dlq")).await;
-        }
-    }
-
-    fn topology(&self, topic: &str, groups: &[&str]) -> Topology {
-        let exchange = exchange_of(topic);
-        let mut t = Topology::new().exchange(exchange, ExchangeKind::Fanout);
-        for g in groups {
-            let queue = format!("{exchange}.{g}");
-            self.queues.lock().unwrap().insert(queue.clone());
-            t = t.queue(self.spec(&queue)).bind(&queue, exchange, "");
-        }
-        t
-    }
-}
-
-fn exchange_of(topic: &str) -> &str {
-    topic.strip_prefix("exchange:").unwrap_or(topic)
-}
-
-#[async_trait]
-impl Harness for RabbitHarness {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        // Delays are served by TTL tiers (a chain of broker hops): generous tolerance.
-        let mut caps = Capabilities::all(Duration::from_millis(1000));
-        caps.size_limit = Some(MAX_BODY);
-        caps
-    }
-
-    fn publisher(&self) -> Arc<dyn Publisher> {
-        Arc::new(self.client.clone())
-    }
-
-    fn dead_letters(&self) -> Arc<dyn DeadLetterOps> {
-        Arc::new(self.client.clone())
-    }
-
-    async fn provision(&self, topic: &str, groups: &[&str]) -> Result<(), Error> {
-        self.client.declare(&self.topology(topic, groups)).await
-    }
-
-    async fn subscribe(&self, topic: &str, group: &str) -> Result<BoxSource, Error> {
-        let queue = format!("{}.{group}", exchange_of(topic));
-        let options = SubscribeOptions::new()
-            .prefetch(16)
-            .declare(self.topology(topic, &[group]));
-        Ok(Box::new(self.client.subscribe(&queue, options).await?))
-    }
-
-    fn topic(&self, test: &str) -> String {
-        format!("exchange:{}", common::unique(test))
+        self.broker
+            .close()
+            .await
+            .expect("closing the broker handle");
     }
 }
 
@@ -118,31 +89,25 @@ macro_rules! suite {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let Some(harness) = RabbitHarness::new(stringify!($name), $kind).await else {
+                let Some(run) = Run::new(stringify!($name), $kind).await else {
                     return;
                 };
-                postbox_testkit::run_one(&harness, stringify!($name), |h| {
+                postbox_testkit::run_one(&run.harness, stringify!($name), |h| {
                     Box::pin(postbox_testkit::suite::$name(h))
                 })
                 .await;
-                harness.cleanup().await;
+                run.cleanup().await;
             }
         )*
     };
 }
 
-macro_rules! all_tests {
-    ($kind:expr) => {
-        postbox_testkit::for_each_conformance_test!(suite!($kind));
-    };
-}
-
 mod quorum {
     use super::*;
-    all_tests!(QueueKind::Quorum);
+    postbox_testkit::for_each_conformance_test!(suite!(QueueKind::Quorum));
 }
 
 mod classic {
     use super::*;
-    all_tests!(QueueKind::Classic);
+    postbox_testkit::for_each_conformance_test!(suite!(QueueKind::Classic));
 }

@@ -1,6 +1,8 @@
 //! RabbitMQ-specific behaviour against the real broker: unroutable publishes,
-//! delay tiers, a killed consumer, a broker restart mid-stream, the quorum
-//! delivery limit, exchange types, foreign messages, operations.
+//! delay tiers, a killed consumer, a consumer process exiting right after its
+//! shutdown, a broker restart mid-stream, the quorum delivery limit, exchange
+//! types, foreign messages, operations, and the `Broker` surface (provision,
+//! subscribe, backlog, health, delayed publish, close).
 
 mod common;
 
@@ -15,13 +17,13 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use postbox_core::{
-    handler_fn, Consumer, DeadLetterOps, DeadLetterRouter, Delivery, Envelope, ErrorKind,
+    handler_fn, Broker, Consumer, DeadLetterOps, DeadLetterRouter, Delivery, Envelope, ErrorKind,
     Publisher, Retry, Source,
 };
 use postbox_rabbitmq::{
-    ExchangeKind, HeaderPrefix, QueueSpec, RabbitConfig, RabbitMq, RabbitSource, SubscribeOptions,
-    Topology,
+    ExchangeKind, HeaderPrefix, QueueSpec, RabbitBroker, RabbitConfig, RabbitSource, Topology,
 };
+use postbox_testkit::env::unique;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -38,21 +40,21 @@ async fn next(source: &mut RabbitSource) -> postbox_rabbitmq::RabbitDelivery {
     }
 }
 
-async fn queue(client: &RabbitMq, name: &str) -> RabbitSource {
+async fn queue(client: &RabbitBroker, name: &str) -> RabbitSource {
     client
-        .subscribe(
-            name,
-            SubscribeOptions::new()
-                .prefetch(50)
-                .declare_queue(QueueSpec::quorum(name)),
-        )
+        .consume(name, Topology::new().queue(QueueSpec::quorum(name)), 50)
         .await
         .expect("subscribe")
 }
 
+/// Ready messages of a queue.
+async fn ready(client: &RabbitBroker, queue: &str) -> u64 {
+    client.backlog(queue, None).await.unwrap().waiting
+}
+
 #[tokio::test]
 async fn unroutable_publish_is_a_typed_error() {
-    let Some(client) = common::client("unroutable_publish_is_a_typed_error").await else {
+    let Some(client) = common::broker("unroutable_publish_is_a_typed_error").await else {
         return;
     };
     let _shared = BROKER.read().await;
@@ -60,7 +62,7 @@ async fn unroutable_publish_is_a_typed_error() {
     let env = Envelope::new("t", "x");
     let id = env.id.clone();
     let e = client
-        .publish(&common::unique("missing-queue"), env)
+        .publish(&unique("pb-missing-queue"), env)
         .await
         .expect_err("an unroutable publish must fail");
     assert_eq!(e.error.kind(), &ErrorKind::Unroutable, "{:?}", e.error);
@@ -75,7 +77,7 @@ async fn unroutable_publish_is_a_typed_error() {
         .expect_err("unroutable through an exchange");
     assert_eq!(e.error.kind(), &ErrorKind::Unroutable);
     // A batch reports the unroutable one alone.
-    let name = common::unique("batch");
+    let name = unique("pb-batch");
     client
         .declare(&Topology::new().queue(QueueSpec::classic(&name)))
         .await
@@ -91,7 +93,7 @@ async fn unroutable_publish_is_a_typed_error() {
     // the next publish opens a new channel.
     let e = client
         .publish(
-            &format!("exchange:{}/k", common::unique("no-exchange")),
+            &format!("exchange:{}/k", unique("pb-no-exchange")),
             Envelope::new("t", "x"),
         )
         .await
@@ -102,16 +104,16 @@ async fn unroutable_publish_is_a_typed_error() {
         .publish(&name, Envelope::new("t", "3"))
         .await
         .unwrap();
-    assert_eq!(client.queue_depth(&name).await.unwrap().messages, 3);
+    assert_eq!(ready(&client, &name).await, 3);
 }
 
 #[tokio::test]
 async fn delay_tiers_honour_delays_without_head_of_line_blocking() {
-    let Some(client) = common::client("delay_tiers_honour_delays").await else {
+    let Some(client) = common::broker("delay_tiers_honour_delays").await else {
         return;
     };
     let _shared = BROKER.read().await;
-    let name = common::unique("delays");
+    let name = unique("pb-delays");
     let mut source = queue(&client, &name).await;
     // One message per delay, all retried at once; each must come back on time
     // whatever the others wait (the long one must not block the short ones).
@@ -167,11 +169,11 @@ async fn delay_tiers_honour_delays_without_head_of_line_blocking() {
 
 /// The child half of `killed_consumer_gets_all_unacked_messages_redelivered`.
 async fn child_consumer(queue_name: &str, n: usize) {
-    let client = RabbitMq::connect(RabbitConfig::new(common::amqp_url()))
+    let client = RabbitBroker::connect(RabbitConfig::new(common::amqp_url()))
         .await
         .unwrap();
     let mut source = client
-        .subscribe(queue_name, SubscribeOptions::new().prefetch(100))
+        .consume(queue_name, Topology::new(), 100)
         .await
         .unwrap();
     let mut held = Vec::new();
@@ -188,11 +190,11 @@ async fn killed_consumer_gets_all_unacked_messages_redelivered() {
     if let Ok(q) = std::env::var("POSTBOX_RABBIT_CHILD_QUEUE") {
         return child_consumer(&q, 20).await;
     }
-    let Some(client) = common::client("killed_consumer_gets_all_unacked").await else {
+    let Some(client) = common::broker("killed_consumer_gets_all_unacked").await else {
         return;
     };
     let _shared = BROKER.read().await;
-    let name = common::unique("killed");
+    let name = unique("pb-killed");
     client
         .declare(&Topology::new().queue(QueueSpec::quorum(&name)))
         .await
@@ -215,18 +217,18 @@ async fn killed_consumer_gets_all_unacked_messages_redelivered() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let ready = tokio::task::spawn_blocking(move || {
+    let holding = tokio::task::spawn_blocking(move || {
         BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
             .any(|l| l.starts_with("HOLDING 20"))
     });
-    let ready = tokio::time::timeout(WAIT, ready).await;
+    let holding = tokio::time::timeout(WAIT, holding).await;
     assert!(
-        matches!(ready, Ok(Ok(true))),
+        matches!(holding, Ok(Ok(true))),
         "the child consumer did not take the messages"
     );
-    assert_eq!(client.queue_depth(&name).await.unwrap().messages, 0);
+    assert_eq!(ready(&client, &name).await, 0);
     child.kill().unwrap();
     let _ = child.wait();
     let mut source = queue(&client, &name).await;
@@ -243,15 +245,16 @@ async fn killed_consumer_gets_all_unacked_messages_redelivered() {
 
 #[tokio::test]
 async fn quorum_delivery_limit_dead_letters_a_poison_message() {
-    let Some(client) = common::client("quorum_delivery_limit").await else {
+    let Some(client) = common::broker("quorum_delivery_limit").await else {
         return;
     };
     let _shared = BROKER.read().await;
-    let name = common::unique("limit");
+    let name = unique("pb-limit");
     let mut source = client
-        .subscribe(
+        .consume(
             &name,
-            SubscribeOptions::new().declare_queue(QueueSpec::quorum(&name).delivery_limit(Some(2))),
+            Topology::new().queue(QueueSpec::quorum(&name).delivery_limit(Some(2))),
+            32,
         )
         .await
         .unwrap();
@@ -284,11 +287,11 @@ async fn quorum_delivery_limit_dead_letters_a_poison_message() {
 
 #[tokio::test]
 async fn exchanges_of_every_type_route_to_bound_queues() {
-    let Some(client) = common::client("exchanges_of_every_type").await else {
+    let Some(client) = common::broker("exchanges_of_every_type").await else {
         return;
     };
     let _shared = BROKER.read().await;
-    let p = common::unique("x");
+    let p = unique("pb-x");
     let (topic, direct, fanout, headers) = (
         format!("{p}.topic"),
         format!("{p}.direct"),
@@ -367,21 +370,17 @@ async fn exchanges_of_every_type_route_to_bound_queues() {
         ("fan2", 1),
         ("hdr", 1),
     ] {
-        assert_eq!(
-            client.queue_depth(&q(queue)).await.unwrap().messages,
-            n,
-            "queue {queue}"
-        );
+        assert_eq!(ready(&client, &q(queue)).await, n, "queue {queue}");
     }
 }
 
 #[tokio::test]
 async fn foreign_and_ce_prefixed_messages_are_consumed() {
-    let Some(client) = common::client("foreign_and_ce_prefixed").await else {
+    let Some(client) = common::broker("foreign_and_ce_prefixed").await else {
         return;
     };
     let _shared = BROKER.read().await;
-    let name = common::unique("foreign");
+    let name = unique("pb-foreign");
     let mut source = queue(&client, &name).await;
     // A plain AMQP message from another producer.
     let conn = lapin::Connection::connect(&common::amqp_url(), Default::default())
@@ -429,7 +428,7 @@ async fn foreign_and_ce_prefixed_messages_are_consumed() {
     );
     b.ack().await.unwrap();
     // Published with the `ce-` prefix (knative binding) and read back.
-    let ce = common::client_with(
+    let ce = common::broker_with(
         "foreign_and_ce_prefixed",
         RabbitConfig::new(common::amqp_url()).header_prefix(HeaderPrefix::Ce),
     )
@@ -450,18 +449,18 @@ async fn foreign_and_ce_prefixed_messages_are_consumed() {
 
 #[tokio::test]
 async fn operations_depth_health_and_missing_queues() {
-    let Some(client) = common::client("operations_depth_health").await else {
+    let Some(client) = common::broker("operations_depth_health").await else {
         return;
     };
     let _shared = BROKER.read().await;
-    client.health().await.expect("healthy");
-    let e = client
-        .queue_depth(&common::unique("nope"))
-        .await
-        .unwrap_err();
+    let health = client.health().await.expect("healthy");
+    assert_eq!(health.system, "rabbitmq");
+    assert!(health.detail.contains("vhost /"), "{health:?}");
+    assert!(!health.detail.contains("guest:guest"), "{health:?}");
+    let e = client.backlog(&unique("pb-nope"), None).await.unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::NotFound, "{e:?}");
     // The client still works after a 404 on its side channel.
-    let name = common::unique("ops");
+    let name = unique("pb-ops");
     client
         .declare(&Topology::new().queue(QueueSpec::quorum(&name)))
         .await
@@ -470,8 +469,8 @@ async fn operations_depth_health_and_missing_queues() {
         .publish(&name, Envelope::new("t", "x"))
         .await
         .unwrap();
-    assert_eq!(client.queue_depth(&name).await.unwrap().messages, 1);
-    assert_eq!(client.dlq_depth(&name).await.unwrap(), 0);
+    assert_eq!(ready(&client, &name).await, 1);
+    assert_eq!(client.count(&format!("{name}.dlq")).await.unwrap(), 0);
     // Re-declaring with other arguments is a configuration error.
     let e = client
         .declare(&Topology::new().queue(QueueSpec::classic(&name)))
@@ -480,7 +479,7 @@ async fn operations_depth_health_and_missing_queues() {
     assert_eq!(e.kind(), &ErrorKind::Config, "{e:?}");
     let bad = RabbitConfig::new("amqp://guest:wrongpass@127.0.0.1:1/%2f")
         .connect_timeout(Duration::from_secs(2));
-    let e = RabbitMq::connect(bad).await.unwrap_err();
+    let e = RabbitBroker::connect(bad).await.unwrap_err();
     assert!(
         !format!("{e:?}{e}").contains("wrongpass"),
         "password leaked: {e:?}"
@@ -493,18 +492,13 @@ fn brokers_script() -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_stream_loses_nothing() {
-    let Some(client) = common::client("broker_restart_mid_stream").await else {
+    let Some(client) = common::broker("broker_restart_mid_stream").await else {
         return;
     };
     let _exclusive = BROKER.write().await;
-    let name = common::unique("restart");
+    let name = unique("pb-restart");
     let source = client
-        .subscribe(
-            &name,
-            SubscribeOptions::new()
-                .prefetch(8)
-                .declare_queue(QueueSpec::quorum(&name)),
-        )
+        .consume(&name, Topology::new().queue(QueueSpec::quorum(&name)), 8)
         .await
         .unwrap();
     let seen = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
@@ -519,7 +513,7 @@ async fn broker_restart_mid_stream_loses_nothing() {
         }),
     )
     .concurrency(4)
-    .dead_letter(DeadLetterRouter::new(Arc::new(client.clone())))
+    .dead_letter(DeadLetterRouter::new(client.clone()))
     .build()
     .unwrap()
     .spawn();
@@ -587,11 +581,11 @@ async fn broker_restart_mid_stream_loses_nothing() {
 /// unsettled, drop the consumer: exactly that one comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesced_acks_never_cover_a_delivery_in_hand() {
-    let Some(client) = common::client("coalesced_acks_never_cover").await else {
+    let Some(client) = common::broker("coalesced_acks_never_cover").await else {
         return;
     };
     let _shared = BROKER.read().await;
-    let name = common::unique("acks");
+    let name = unique("pb-acks");
     let mut source = queue(&client, &name).await;
     let envs: Vec<Envelope> = (0..10)
         .map(|i| Envelope::new("t", format!("{i}")))
@@ -623,4 +617,328 @@ async fn coalesced_acks_never_cover_a_delivery_in_hand() {
     d.ack().await.unwrap();
     let more = tokio::time::timeout(Duration::from_millis(700), again.next()).await;
     assert!(more.is_err(), "an acked message was redelivered");
+}
+
+/// The child half of `shutdown_sends_every_ack_before_returning`: consume
+/// everything with the runtime, shut down, and exit the process at once —
+/// no task, timer or connection of this process outlives `shutdown()`.
+async fn child_shutdown_then_exit(queue_name: &str, n: usize) {
+    let broker = RabbitBroker::connect(RabbitConfig::new(common::amqp_url()))
+        .await
+        .unwrap();
+    let source = broker
+        .subscribe(queue_name, postbox_core::SubscribeOptions::new())
+        .await
+        .unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let all_handled = Arc::new(tokio::sync::Notify::new());
+    let (counter, done) = (handled.clone(), all_handled.clone());
+    let running = Consumer::builder(
+        source,
+        handler_fn(move |_env: Envelope| {
+            if counter.fetch_add(1, AtomicOrdering::SeqCst) + 1 == n {
+                done.notify_one();
+            }
+            async { Ok(()) }
+        }),
+    )
+    .concurrency(8)
+    .dead_letter(DeadLetterRouter::new(broker.clone()))
+    .build()
+    .unwrap()
+    .spawn();
+    // Shut down the moment the last handler returned: its ack (and the
+    // group it belongs to) is still waiting to be sent.
+    tokio::time::timeout(WAIT, all_handled.notified())
+        .await
+        .unwrap_or_else(|_| panic!("the child did not handle {n} messages"));
+    let report = running.shutdown().await.unwrap();
+    eprintln!("SHUTDOWN {report:?}");
+    std::process::exit(0);
+}
+
+/// `RunningConsumer::shutdown()` returns only after the broker has every ack
+/// the runtime reported: a process that exits right after it (dropping its
+/// connections unclosed) gets none of its 100 messages redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_every_ack_before_returning() {
+    const N: usize = 100;
+    if let Ok(q) = std::env::var("POSTBOX_RABBIT_SHUTDOWN_QUEUE") {
+        return child_shutdown_then_exit(&q, N).await;
+    }
+    let Some(client) = common::broker("shutdown_sends_every_ack").await else {
+        return;
+    };
+    let _shared = BROKER.read().await;
+    let name = unique("pb-shutdown");
+    client
+        .provision(&name, &postbox_core::SubscribeOptions::new())
+        .await
+        .unwrap();
+    let envs: Vec<Envelope> = (0..N).map(|i| Envelope::new("t", format!("{i}"))).collect();
+    assert!(client.publish_batch(&name, envs).await.is_success());
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "shutdown_sends_every_ack_before_returning",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("POSTBOX_RABBIT_SHUTDOWN_QUEUE", &name)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stderr.contains("SHUTDOWN"),
+        "the child consumer failed: {stderr}"
+    );
+    // Whatever the child left unacked is requeued once its connection is gone.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while client.backlog(&name, None).await.unwrap().consumers != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the child's consumer is still attached"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        ready(&client, &name).await,
+        0,
+        "acked messages were requeued"
+    );
+    let mut fresh = queue(&client, &name).await;
+    let again = tokio::time::timeout(Duration::from_millis(1500), fresh.next()).await;
+    assert!(
+        again.is_err(),
+        "a fresh consumer got a message the child had acked"
+    );
+    fresh.close().await.unwrap();
+}
+
+/// The `Broker` surface: provision and subscribe map destinations and groups
+/// to queues of the configured kind, backlog and health report, and close
+/// ends publishing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_surface_provision_subscribe_backlog_health_close() {
+    let config = RabbitConfig::from_url(&format!(
+        "{}?heartbeat=20&queue_kind=classic&prefetch=4",
+        common::amqp_url()
+    ))
+    .unwrap();
+    let Some(broker) = common::broker_with("broker_surface", config).await else {
+        return;
+    };
+    let _shared = BROKER.read().await;
+    let caps = broker.capabilities();
+    assert!(!caps.group_fan_out && caps.ordered && caps.redelivery_on_close && caps.backlog);
+    assert_eq!(
+        caps.max_message_bytes,
+        Some(postbox_rabbitmq::DEFAULT_MAX_MESSAGE_SIZE)
+    );
+    assert!(caps.scheduled_publish.is_some());
+
+    // A plain queue: declared with its DLQ, of the configured (classic) kind.
+    let q = unique("pb-surface-q");
+    broker
+        .provision(&q, &postbox_core::SubscribeOptions::group("ignored"))
+        .await
+        .unwrap();
+    assert_eq!(broker.count(&format!("{q}.dlq")).await.unwrap(), 0);
+    let e = broker
+        .declare(&Topology::new().queue(QueueSpec::quorum(&q)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.kind(),
+        &ErrorKind::Config,
+        "the queue is not classic: {e}"
+    );
+    broker.publish(&q, Envelope::new("t", "1")).await.unwrap();
+    broker
+        .publish(&format!("queue:{q}"), Envelope::new("t", "2"))
+        .await
+        .unwrap();
+    let backlog = broker.backlog(&q, None).await.unwrap();
+    assert_eq!((backlog.waiting, backlog.consumers), (2, Some(0)));
+
+    // Two groups on an exchange each get every message.
+    let x = unique("pb-surface-x");
+    let topic = format!("exchange:{x}");
+    for g in ["a", "b"] {
+        broker
+            .provision(&topic, &postbox_core::SubscribeOptions::group(g))
+            .await
+            .unwrap();
+    }
+    let e = broker
+        .provision(&topic, &postbox_core::SubscribeOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Config);
+    assert!(e.message().contains("consumer group"), "{e}");
+    assert_eq!(
+        broker.backlog(&topic, None).await.unwrap_err().kind(),
+        &ErrorKind::Config
+    );
+    let e = broker
+        .subscribe(
+            &format!("{topic}/key"),
+            postbox_core::SubscribeOptions::group("a"),
+        )
+        .await
+        .err()
+        .expect("a routing key is refused");
+    assert_eq!(e.kind(), &ErrorKind::Config);
+    broker
+        .publish(&topic, Envelope::new("t", "x"))
+        .await
+        .unwrap();
+    for g in ["a", "b"] {
+        assert_eq!(
+            broker.backlog(&topic, Some(g)).await.unwrap().waiting,
+            1,
+            "group {g}"
+        );
+    }
+    let mut source = broker
+        .subscribe(&topic, postbox_core::SubscribeOptions::group("a"))
+        .await
+        .unwrap();
+    assert_eq!(source.destination(), format!("{x}.a"));
+    let d = tokio::time::timeout(WAIT, source.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    d.ack().await.map_err(|e| e.error).unwrap();
+    assert_eq!(
+        broker.backlog(&topic, Some("a")).await.unwrap().consumers,
+        Some(1)
+    );
+    source.close().await.unwrap();
+    let a = broker.backlog(&topic, Some("a")).await.unwrap();
+    assert_eq!(
+        (a.waiting, a.consumers),
+        (0, Some(0)),
+        "the ack was in before close returned"
+    );
+
+    // Without provisioning a missing queue is NotFound.
+    let e = broker
+        .subscribe(
+            &unique("pb-surface-missing"),
+            postbox_core::SubscribeOptions::new().provision(false),
+        )
+        .await
+        .err()
+        .expect("a missing queue");
+    assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}");
+
+    let health = broker.health().await.unwrap();
+    assert_eq!(health.system, "rabbitmq");
+    assert!(health.detail.contains("heartbeat 20 s"), "{health:?}");
+
+    for name in [
+        q.clone(),
+        format!("{q}.dlq"),
+        format!("{x}.a"),
+        format!("{x}.a.dlq"),
+        format!("{x}.b"),
+        format!("{x}.b.dlq"),
+    ] {
+        broker.delete_queue(&name).await.unwrap();
+    }
+    let clone = broker.clone();
+    broker.close().await.unwrap();
+    broker.close().await.expect("closing twice is fine");
+    let e = clone
+        .publish(&q, Envelope::new("t", "late"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.error.kind(), &ErrorKind::Closed, "{:?}", e.error);
+    assert_eq!(clone.health().await.unwrap_err().kind(), &ErrorKind::Closed);
+    assert_eq!(
+        clone.count(&q).await.unwrap_err().kind(),
+        &ErrorKind::Closed
+    );
+}
+
+/// `publish_delayed` goes through the delay tiers: the message arrives when
+/// due, not before; exchanges and a configuration without tiers refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_delayed_arrives_when_due() {
+    let Some(broker) = common::broker("publish_delayed_arrives_when_due").await else {
+        return;
+    };
+    let _shared = BROKER.read().await;
+    let name = unique("pb-delayed");
+    let mut source = queue(&broker, &name).await;
+    let delay = Duration::from_millis(1_300);
+    let env = Envelope::new("t", "later");
+    let start = Instant::now();
+    broker
+        .publish_delayed(&name, env.clone(), delay)
+        .await
+        .unwrap();
+    broker
+        .publish(&name, Envelope::new("t", "now"))
+        .await
+        .unwrap();
+    let first = next(&mut source).await;
+    assert_eq!(
+        &first.envelope().payload[..],
+        b"now",
+        "the delayed one overtook"
+    );
+    first.ack().await.unwrap();
+    let later = next(&mut source).await;
+    let at = start.elapsed();
+    assert_eq!(later.envelope().id, env.id);
+    assert_eq!(later.attempt(), 1, "a scheduled message is not a retry");
+    assert!(
+        at + Duration::from_millis(5) >= delay,
+        "arrived after {at:?}"
+    );
+    assert!(
+        at <= delay + Duration::from_millis(1_000),
+        "arrived after {at:?}"
+    );
+    later.ack().await.unwrap();
+    source.close().await.unwrap();
+
+    let e = broker
+        .publish_delayed("exchange:amq.fanout", Envelope::new("t", "x"), delay)
+        .await
+        .unwrap_err();
+    assert_eq!(e.error.kind(), &ErrorKind::Unsupported, "{:?}", e.error);
+    let e = broker
+        .publish_delayed(&name, Envelope::new("t", "x"), Duration::MAX)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.error.kind(), ErrorKind::LimitExceeded(_)),
+        "{:?}",
+        e.error
+    );
+    broker.close().await.unwrap();
+
+    let no_tiers = RabbitConfig::new(common::amqp_url()).delay_tiers([]);
+    let broker = common::broker_with("publish_delayed_arrives_when_due", no_tiers)
+        .await
+        .unwrap();
+    assert_eq!(broker.capabilities().scheduled_publish, None);
+    let e = broker
+        .publish_delayed(&name, Envelope::new("t", "x"), delay)
+        .await
+        .unwrap_err();
+    assert_eq!(e.error.kind(), &ErrorKind::Unsupported);
+    broker.delete_queue(&name).await.unwrap();
+    broker.delete_queue(&format!("{name}.dlq")).await.unwrap();
+    broker.close().await.unwrap();
 }

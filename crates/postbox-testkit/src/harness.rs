@@ -77,6 +77,10 @@ pub trait Harness: Send + Sync + 'static {
     }
 }
 
+fn group_options(group: &str) -> SubscribeOptions {
+    SubscribeOptions::group(group)
+}
+
 type TopicFn = Box<dyn Fn(&str) -> String + Send + Sync>;
 type OptionsFn = Box<dyn Fn(&str) -> SubscribeOptions + Send + Sync>;
 
@@ -114,8 +118,8 @@ impl BrokerHarness {
             name,
             broker: AnyBroker::new(broker),
             capabilities,
-            topic: Box::new(|test| crate::env::unique(test)),
-            options: Box::new(|group: &str| SubscribeOptions::group(group)),
+            topic: Box::new(crate::env::unique),
+            options: Box::new(group_options),
         }
     }
 

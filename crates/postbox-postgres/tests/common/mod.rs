@@ -15,6 +15,7 @@ pub fn database_url() -> String {
         .unwrap_or_else(|| "postgres://postgres:postgres@127.0.0.1:5432/postbox".to_string())
 }
 
+#[allow(unused_imports)]
 pub use postbox_testkit::env::{brokers_required, unreachable as broker_unreachable};
 
 /// Fails the test (brokers required) or reports a skip by name.
