@@ -23,42 +23,46 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 #[cfg(feature = "sqs")]
 mod example {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use postbox::dlq::{DeadLetterMetadata, DeadLetterOps};
-    use postbox::sqs::aws_config::BehaviorVersion;
-    use postbox::sqs::{ConsumerOptions, QueueSpec, SqsBroker, SubscriptionSpec};
+    use postbox::sqs::{SqsBroker, SqsConfig, SubscriptionSpec};
     use postbox::{
-        handler_fn, Consumer, DeadLetterRouter, Envelope, HandlerError, Publisher, RetryPolicy,
+        handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, HandlerError, Publisher,
+        RetryPolicy, Source, SubscribeOptions,
     };
 
     pub(crate) async fn run() -> Result<(), Box<dyn std::error::Error>> {
-        // The standard AWS chain; AWS_ENDPOINT_URL points it at an emulator.
-        let broker = SqsBroker::from_env(BehaviorVersion::latest()).await;
+        // The AWS default chain; AWS_ENDPOINT_URL points it at an emulator.
+        // (`postbox::connect("sqs://")` gives the same broker, type-erased.)
+        let config = SqsConfig::from_env()?.wait_time(Duration::from_secs(2));
+        let broker = SqsBroker::connect(config).await?;
         broker.health().await?;
 
-        // Topology (opt-in, idempotent): a topic, two queues with DLQs and
-        // redrive policies, two raw subscriptions, one of them filtered.
+        // One SNS topic; each consumer group is a queue `<topic>-<group>`
+        // with a DLQ and a redrive policy, subscribed to the topic with raw
+        // delivery: `subscribe` declares all of it (idempotent).
         let run = std::process::id();
         let topic = format!("orders-{run}");
-        let (billing, shipping) = (format!("billing-{run}"), format!("shipping-{run}"));
-        broker.declare_topic(&topic).await?;
-        for q in [&billing, &shipping] {
-            broker
-                .declare_queue(&QueueSpec::new(q).visibility_timeout(Duration::from_secs(30)))
-                .await?;
-        }
-        broker
-            .declare_subscription(&SubscriptionSpec::new(&topic, &billing))
+        let destination = format!("sns:{topic}");
+        let billing = broker
+            .subscribe(&destination, SubscribeOptions::group("billing"))
             .await?;
+        let shipping = broker
+            .subscribe(&destination, SubscribeOptions::group("shipping"))
+            .await?;
+        let billing_queue = billing.destination().to_string();
+        // A filter policy is SNS-specific: the native topology API sets it.
         broker
             .declare_subscription(
-                &SubscriptionSpec::new(&topic, &shipping)
+                &SubscriptionSpec::new(&topic, shipping.destination())
                     .filter_policy(r#"{"type":["order.paid"]}"#),
             )
             .await?;
-        println!("topic sns:{topic} -> queues {billing} (all), {shipping} (order.paid only)");
+        println!(
+            "topic {destination} -> queues {billing_queue} (all), {} (order.paid only)",
+            shipping.destination()
+        );
 
         // Billing: order 3 is poison (permanent failure -> DLQ), order 2 fails
         // once (retried through the visibility timeout).
@@ -88,27 +92,19 @@ mod example {
             );
             Ok(())
         });
-        let publisher: Arc<dyn Publisher> = Arc::new(broker.clone());
-        let options = ConsumerOptions::default().wait_time(Duration::from_secs(2));
         let policy = RetryPolicy::exponential(Duration::from_millis(200)).with_max_attempts(3);
-        let billing_consumer = Consumer::builder(
-            broker.subscribe_with(&billing, options.clone()).await?,
-            billing_handler,
-        )
-        .name("billing")
-        .retry_policy(policy.clone())
-        .dead_letter(DeadLetterRouter::new(publisher.clone()))
-        .build()?
-        .spawn();
-        let shipping_consumer = Consumer::builder(
-            broker.subscribe_with(&shipping, options).await?,
-            shipping_handler,
-        )
-        .name("shipping")
-        .retry_policy(policy)
-        .dead_letter(DeadLetterRouter::new(publisher))
-        .build()?
-        .spawn();
+        let billing_consumer = Consumer::builder(billing, billing_handler)
+            .name("billing")
+            .retry_policy(policy.clone())
+            .dead_letter(DeadLetterRouter::new(broker.clone()))
+            .build()?
+            .spawn();
+        let shipping_consumer = Consumer::builder(shipping, shipping_handler)
+            .name("shipping")
+            .retry_policy(policy)
+            .dead_letter(DeadLetterRouter::new(broker.clone()))
+            .build()?
+            .spawn();
 
         // Publish: SNS PublishBatch (chunks of 10), `type` as a filterable attribute.
         let events: Vec<Envelope> = (1..=3)
@@ -119,15 +115,15 @@ mod example {
                 ]
             })
             .collect::<Result<_, _>>()?;
-        let report = broker.publish_batch(&format!("sns:{topic}"), events).await;
+        let report = broker.publish_batch(&destination, events).await;
         println!(
             "published {} of {} events",
             report.succeeded(),
             report.len()
         );
 
-        // Wait for the poison messages in billing's DLQ (`billing-<run>.dlq`).
-        let dlq = postbox::dlq::default_destination(&billing);
+        // Wait for the poison messages in billing's DLQ (`orders-<run>-billing.dlq`).
+        let dlq = postbox::dlq::default_destination(&billing_queue);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while broker.count(&dlq).await? < 2 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -152,6 +148,7 @@ mod example {
             }
         }
         println!("purged {} dead letters", broker.purge(&dlq).await?);
+        broker.close().await?;
         Ok(())
     }
 }

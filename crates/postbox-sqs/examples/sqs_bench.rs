@@ -1,5 +1,5 @@
-//! Raw aws-sdk-sqs versus postbox-sqs, in one run, against the same endpoint
-//! (DESIGN.md §12): batched send, and receive + delete, with the same batch
+//! Raw aws-sdk-sqs versus postbox-sqs, in one run, against the same endpoint:
+//! batched send, and receive + delete, with the same batch
 //! size (10), the same concurrency, the same bytes on the wire (the raw side
 //! sends the very CloudEvents body and `type` attribute postbox sends), the
 //! same decode (`serde_json` into the same struct, `black_box`ed), and the
@@ -20,8 +20,10 @@ use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageAttributeValue, SendMessageBatchRequestEntry,
 };
-use postbox_core::{handler_fn, Consumer, DeadLetterRouter, Envelope, Publisher};
-use postbox_sqs::{ConsumerOptions, QueueSpec, SqsBroker};
+use postbox_core::{
+    handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, Publisher, SubscribeOptions,
+};
+use postbox_sqs::{QueueSpec, SqsBroker, SqsConfig};
 
 #[derive(serde::Deserialize)]
 struct Order {
@@ -38,7 +40,10 @@ fn env_or(name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-fn clients() -> (aws_sdk_sqs::Client, aws_sdk_sns::Client) {
+/// The raw side's client, and postbox's configuration on the same endpoint
+/// and credentials (`receivers` long polls of 1 s, a buffer of one batch
+/// each).
+fn clients(receivers: usize) -> (aws_sdk_sqs::Client, SqsConfig) {
     let creds = Credentials::new(
         env_or("AWS_ACCESS_KEY_ID", "test"),
         env_or("AWS_SECRET_ACCESS_KEY", "test"),
@@ -60,10 +65,13 @@ fn clients() -> (aws_sdk_sqs::Client, aws_sdk_sns::Client) {
         .endpoint_url(&endpoint)
         .credentials_provider(creds)
         .build();
-    (
-        aws_sdk_sqs::Client::from_conf(sqs),
-        aws_sdk_sns::Client::from_conf(sns),
-    )
+    // One client for both sides (the same connection pool).
+    let sqs = aws_sdk_sqs::Client::from_conf(sqs);
+    let config = SqsConfig::from_clients(sqs.clone(), aws_sdk_sns::Client::from_conf(sns))
+        .receivers(receivers)
+        .buffer(receivers * 10)
+        .wait_time(Duration::from_secs(1));
+    (sqs, config)
 }
 
 fn envelope(i: usize) -> Envelope {
@@ -98,9 +106,8 @@ async fn raw_send(sqs: &aws_sdk_sqs::Client, url: &str, n: usize, concurrency: u
     let bodies: Arc<Vec<String>> = Arc::new(
         (0..n)
             .map(|i| {
-                postbox_sqs::codec::encode(&envelope(i), 1 << 20)
+                String::from_utf8(postbox_core::codec::structured::encode(&envelope(i)).unwrap())
                     .unwrap()
-                    .body
             })
             .collect(),
     );
@@ -271,8 +278,10 @@ async fn raw_receive(
     elapsed
 }
 
-/// postbox: an SqsSource with `concurrency` receivers of 10 feeding the
-/// consumer runtime, deletes batched. Handler concurrency = 2 × receivers ×
+/// postbox: a subscription with `concurrency` receivers of 10 feeding the
+/// consumer runtime, deletes batched. The window ends when the queue is
+/// empty (every delete answered), like the raw side's; the shutdown after it
+/// waits for the receivers' last long poll, which the raw side aborts. Handler concurrency = 2 × receivers ×
 /// 10: an ack holds its worker until SQS confirmed the delete, so the pool
 /// covers what the receivers hand out *and* the deletes in flight (with
 /// receivers × 10 the delete round trip, not the endpoint, bounds the rate:
@@ -291,24 +300,24 @@ async fn postbox_receive(broker: &SqsBroker, url: &str, n: usize, concurrency: u
             Ok(())
         }
     });
-    let options = ConsumerOptions::default()
-        .receivers(concurrency)
-        .batch_size(10)
-        .buffer(concurrency * 10)
-        .wait_time(Duration::from_secs(1));
+    // The receivers of the broker's configuration (`concurrency`), 10 each.
+    let options = SubscribeOptions::new().prefetch(10).provision(false);
     let start = Instant::now();
-    let source = broker.subscribe_with(url, options).await.unwrap();
+    let source = broker.subscribe(url, options).await.unwrap();
     let running = Consumer::builder(source, handler)
         .concurrency(concurrency * 20)
-        .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+        .dead_letter(DeadLetterRouter::new(broker.clone()))
         .build()
         .unwrap()
         .spawn();
     while done.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let report = running.shutdown().await.unwrap();
+    while broker.backlog(url, None).await.unwrap().total() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let elapsed = start.elapsed();
+    let report = running.shutdown().await.unwrap();
     assert_eq!(report.acked as usize, n, "{report:?}");
     elapsed
 }
@@ -376,8 +385,8 @@ async fn main() {
     let rounds = args.get(2).copied().unwrap_or(3);
     environment();
     println!("{n} messages of ~100-byte JSON payload per round, batch 10, concurrency {concurrency}, {rounds} interleaved rounds + 1 warm-up");
-    let (sqs, sns) = clients();
-    let broker = SqsBroker::new(sqs.clone(), sns);
+    let (sqs, config) = clients(concurrency);
+    let broker = SqsBroker::connect(config).await.expect("a region");
     broker.health().await.expect("endpoint reachable");
     let (mut send_raw, mut send_pb, mut recv_raw, mut recv_pb) = (vec![], vec![], vec![], vec![]);
     for round in 0..=rounds {

@@ -1,6 +1,6 @@
 //! Envelope ⇄ SQS/SNS message wire mapping (pure functions).
 //!
-//! **Structured mode** (DESIGN.md §2): the message body is the CloudEvents
+//! **Structured mode**: the message body is the CloudEvents
 //! JSON document of the envelope ([`postbox_core::codec::structured`]), and
 //! the envelope is the only truth on decode. A few *message attributes* are
 //! added so that SNS filter policies and SQS consumers can route without
@@ -38,7 +38,7 @@ pub const SNS_MAX_BYTES: usize = 256 * 1024;
 
 /// An envelope ready for the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Encoded {
+pub(crate) struct Encoded {
     /// The CloudEvents JSON document.
     pub body: String,
     /// String message attributes, `type` first.
@@ -48,7 +48,7 @@ pub struct Encoded {
 impl Encoded {
     /// The size SQS/SNS count against their limit: body plus attribute
     /// names, data types and values.
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         self.body.len()
             + self
                 .attributes
@@ -63,12 +63,12 @@ fn is_metadata(name: &str) -> bool {
 }
 
 /// The number of message attributes `env` needs: `type` plus one per user header.
-pub fn attribute_count(env: &Envelope) -> usize {
+pub(crate) fn attribute_count(env: &Envelope) -> usize {
     1 + env.headers.keys().filter(|k| !is_metadata(k)).count()
 }
 
 /// Whether `name` is a valid SQS/SNS message attribute name.
-pub fn is_valid_attribute_name(name: &str) -> bool {
+pub(crate) fn is_valid_attribute_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     !name.is_empty()
         && name.len() <= 256
@@ -83,7 +83,7 @@ pub fn is_valid_attribute_name(name: &str) -> bool {
 }
 
 /// Encodes `env`, checking the attribute budget and `max_bytes` first.
-pub fn encode(env: &Envelope, max_bytes: usize) -> Result<Encoded, Error> {
+pub(crate) fn encode(env: &Envelope, max_bytes: usize) -> Result<Encoded, Error> {
     let count = attribute_count(env);
     if count > MAX_ATTRIBUTES {
         return Err(Error::limit(Limit::AttributeCount {
@@ -127,7 +127,7 @@ pub fn encode(env: &Envelope, max_bytes: usize) -> Result<Encoded, Error> {
 
 /// What the consumer knows about a received message besides its body.
 #[derive(Debug, Clone)]
-pub struct Received<'a> {
+pub(crate) struct Received<'a> {
     /// SQS `MessageId`.
     pub message_id: &'a str,
     /// The queue it came from (source of foreign envelopes).
@@ -150,7 +150,7 @@ struct SnsNotification<'a> {
 
 /// The SNS notification wrapper of a body delivered without raw message
 /// delivery, if it is one: `(message, sns message id, topic arn)`.
-pub fn unwrap_sns(body: &str) -> Option<(String, Option<String>, String)> {
+pub(crate) fn unwrap_sns(body: &str) -> Option<(String, Option<String>, String)> {
     let trimmed = body.trim_start();
     if !trimmed.starts_with('{') || !trimmed.contains("\"TopicArn\"") {
         return None;
@@ -160,7 +160,7 @@ pub fn unwrap_sns(body: &str) -> Option<(String, Option<String>, String)> {
 }
 
 /// Decodes a received body (raw or SNS-wrapped, postbox or foreign).
-pub fn decode(body: &str, received: &Received<'_>) -> Result<Envelope, Error> {
+pub(crate) fn decode(body: &str, received: &Received<'_>) -> Result<Envelope, Error> {
     let (body, id, source) = match unwrap_sns(body) {
         Some((message, sns_id, topic)) => (
             message,

@@ -1,13 +1,13 @@
-//! Consuming a queue: [`SqsSource`] and [`SqsDelivery`].
+//! Consuming a queue: `SqsSource` and `SqsDelivery`.
 //!
 //! * `receivers` concurrent long polls (`ReceiveMessage`, up to 10 messages
-//!   each) feed a **bounded** buffer; a receiver only polls when the buffer
+//!   each: the subscription's prefetch hint) feed a **bounded** buffer; a receiver only polls when the buffer
 //!   has room, so in flight are at most `buffer + receivers × batch` messages
 //!   plus what the runtime is handling.
 //! * `ack` → `DeleteMessageBatch`: acks waiting at the same moment share one
 //!   call (no timer: an ack is never delayed to fill a batch), and `ack`
 //!   returns once SQS confirmed the delete.
-//! * `retry(d)` → `ChangeMessageVisibility(d)`, see [`crate::retry`];
+//! * `retry(d)` → `ChangeMessageVisibility(d)`, see the `retry` module;
 //!   `release` → `ChangeMessageVisibility(0)`.
 //! * A **visibility heartbeat** extends the visibility timeout of every
 //!   received, unsettled message before it expires, so a handler that runs
@@ -15,12 +15,15 @@
 //! * The attempt number is `ApproximateReceiveCount`.
 //! * FIFO queues keep order per message group: SQS hands out a group's next
 //!   messages only after the previous ones are deleted.
-//! * Dropping the source stops the receivers; messages received but not yet
-//!   handed out are made visible again at once. A delivery dropped unsettled
-//!   comes back after its visibility timeout.
+//! * `close` stops the receivers (each finishes its current long poll),
+//!   makes what was received but not handed out visible again at once, and
+//!   returns once every delete asked for by an ack has been answered.
+//!   Dropping an unclosed source is the safety net: it warns, stops the
+//!   receivers and gives back the buffer without waiting. A delivery dropped
+//!   unsettled comes back after its visibility timeout.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,12 +34,13 @@ use aws_sdk_sqs::types::{
 use postbox_core::{
     Delivery, Envelope, Error, ErrorKind, Origin, Retry, SettleError, SettleResult, Source,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, Received};
-use crate::config::ConsumerOptions;
+use crate::config::Settings;
 use crate::error::from_sdk;
 use crate::publisher::{SqsBroker, MAX_BATCH, SYSTEM};
 use crate::retry::visibility_for;
@@ -56,15 +60,41 @@ struct Shared {
     broker: SqsBroker,
     url: String,
     queue: String,
-    options: ConsumerOptions,
+    /// Messages per receive, 1–10.
+    batch_size: i32,
     inflight: Mutex<HashMap<u64, Arc<Entry>>>,
     next_id: AtomicU64,
     deletes: mpsc::Sender<DeleteRequest>,
+    /// Deletes asked for and not answered yet (so `close` can wait for them).
+    deletes_pending: AtomicUsize,
+    deletes_answered: Notify,
 }
 
 impl Shared {
     fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn settings(&self) -> &Settings {
+        &self.broker.inner.settings
+    }
+
+    fn deletes_done(&self, n: usize) {
+        self.deletes_pending.fetch_sub(n, Ordering::AcqRel);
+        self.deletes_answered.notify_waiters();
+    }
+
+    /// Waits until every delete asked for so far has been answered by SQS.
+    async fn deletes_settled(&self) {
+        loop {
+            let answered = self.deletes_answered.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            if self.deletes_pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            answered.await;
+        }
     }
 
     async fn change_visibility(&self, receipt: &str, seconds: i32) -> Result<(), Error> {
@@ -124,60 +154,66 @@ impl Shared {
     }
 }
 
-/// Deliveries of one SQS queue. Several sources on one queue (in one process
-/// or many) are competing consumers.
-pub struct SqsSource {
+/// Deliveries of one SQS queue, from
+/// [`Broker::subscribe`](postbox_core::Broker::subscribe). Several sources on
+/// one queue (in one process or many) are competing consumers.
+pub(crate) struct SqsSource {
     rx: mpsc::Receiver<Result<SqsDelivery, Error>>,
     shared: Arc<Shared>,
     cancel: CancellationToken,
+    receivers: Vec<JoinHandle<()>>,
+    closed: bool,
 }
 
 impl std::fmt::Debug for SqsSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqsSource")
             .field("queue", &self.shared.queue)
-            .field("options", &self.shared.options)
+            .field("batch_size", &self.shared.batch_size)
             .finish_non_exhaustive()
     }
 }
 
-impl SqsBroker {
-    /// Consumes a queue (by name or URL) with default [`ConsumerOptions`].
-    /// The queue must exist (see [`crate::topology`]).
-    pub async fn subscribe(&self, queue: &str) -> Result<SqsSource, Error> {
-        self.subscribe_with(queue, ConsumerOptions::default()).await
-    }
-
-    /// Consumes a queue with the given options. Must be called inside a
-    /// tokio runtime: receivers, the deleter and the heartbeat are tasks.
-    pub async fn subscribe_with(
-        &self,
-        queue: &str,
-        options: ConsumerOptions,
-    ) -> Result<SqsSource, Error> {
-        let name = crate::config::queue_name(queue);
-        let url = self.queue_url(&name).await?;
-        let (tx, rx) = mpsc::channel(options.buffer.max(1));
-        let (dtx, drx) = mpsc::channel(256);
-        let cancel = CancellationToken::new();
-        let shared = Arc::new(Shared {
-            broker: self.clone(),
-            url,
-            queue: crate::config::name_of(&name).to_string(),
-            options,
-            inflight: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(0),
-            deletes: dtx,
-        });
-        for _ in 0..shared.options.receivers {
-            tokio::spawn(receiver(shared.clone(), tx.clone(), cancel.clone()));
-        }
-        // As many delete calls in flight as receive calls (at least 4).
-        let delete_calls = shared.options.receivers.max(4);
-        tokio::spawn(deleter(Arc::downgrade(&shared), drx, delete_calls));
-        tokio::spawn(heartbeat(Arc::downgrade(&shared), cancel.clone()));
-        Ok(SqsSource { rx, shared, cancel })
-    }
+/// Consumes a queue (by name or URL) with the broker's consumer settings and
+/// `batch_size` messages per receive. Must be called inside a tokio runtime:
+/// receivers, the deleter and the heartbeat are tasks.
+pub(crate) async fn open(
+    broker: &SqsBroker,
+    queue: &str,
+    batch_size: i32,
+) -> Result<SqsSource, Error> {
+    let name = crate::config::queue_name(queue);
+    let url = broker.queue_url(&name).await?;
+    let settings = &broker.inner.settings;
+    let (tx, rx) = mpsc::channel(settings.buffer.max(1));
+    let (dtx, drx) = mpsc::channel(256);
+    // Closing the broker handle stops the receivers of its sources too.
+    let cancel = broker.inner.shutdown.child_token();
+    let shared = Arc::new(Shared {
+        broker: broker.clone(),
+        url,
+        queue: crate::config::name_of(&name).to_string(),
+        batch_size: batch_size.clamp(1, 10),
+        inflight: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(0),
+        deletes: dtx,
+        deletes_pending: AtomicUsize::new(0),
+        deletes_answered: Notify::new(),
+    });
+    let receivers = (0..settings.receivers)
+        .map(|_| tokio::spawn(receiver(shared.clone(), tx.clone(), cancel.clone())))
+        .collect();
+    // As many delete calls in flight as receive calls (at least 4).
+    let delete_calls = settings.receivers.max(4);
+    tokio::spawn(deleter(Arc::downgrade(&shared), drx, delete_calls));
+    tokio::spawn(heartbeat(Arc::downgrade(&shared), cancel.clone()));
+    Ok(SqsSource {
+        rx,
+        shared,
+        cancel,
+        receivers,
+        closed: false,
+    })
 }
 
 async fn receiver(
@@ -186,8 +222,8 @@ async fn receiver(
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
-    let wait = i32::try_from(shared.options.wait_time.as_secs()).unwrap_or(20);
-    let visibility = crate::publisher::ceil_secs(shared.options.visibility_timeout);
+    let wait = i32::try_from(shared.settings().wait_time.as_secs()).unwrap_or(20);
+    let visibility = crate::publisher::ceil_secs(shared.settings().visibility_timeout);
     loop {
         // Only poll when the buffer has room (bounded in-flight).
         let permit = tokio::select! {
@@ -200,7 +236,7 @@ async fn receiver(
             .sqs
             .receive_message()
             .queue_url(&shared.url)
-            .max_number_of_messages(shared.options.batch_size)
+            .max_number_of_messages(shared.batch_size)
             .wait_time_seconds(wait)
             .visibility_timeout(visibility)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
@@ -257,8 +293,9 @@ async fn receiver(
     }
 }
 
-/// Makes received, never handed out messages visible again at once.
-async fn release_all(shared: &Arc<Shared>, deliveries: Vec<SqsDelivery>) {
+/// Makes received, never handed out messages visible again at once; returns
+/// how many could not be.
+async fn release_all(shared: &Arc<Shared>, deliveries: Vec<SqsDelivery>) -> usize {
     let mut receipts = Vec::with_capacity(deliveries.len());
     for mut d in deliveries {
         if let Some(entry) = d.entry.take() {
@@ -266,9 +303,10 @@ async fn release_all(shared: &Arc<Shared>, deliveries: Vec<SqsDelivery>) {
             receipts.push(entry.receipt.clone());
         }
     }
-    if !receipts.is_empty() {
-        shared.change_visibility_batch(&receipts, 0).await;
+    if receipts.is_empty() {
+        return 0;
     }
+    shared.change_visibility_batch(&receipts, 0).await.len()
 }
 
 fn to_delivery(
@@ -289,7 +327,7 @@ fn to_delivery(
     let received = Received {
         message_id: &message_id,
         queue: &shared.queue,
-        foreign_type: &shared.options.foreign_type,
+        foreign_type: &shared.settings().foreign_type,
     };
     match codec::decode(&body, &received) {
         Ok(mut envelope) => {
@@ -298,7 +336,7 @@ fn to_delivery(
             let entry = Arc::new(Entry {
                 receipt,
                 settled: Arc::new(tokio::sync::Mutex::new(false)),
-                visible_until: Mutex::new(received_at + shared.options.visibility_timeout),
+                visible_until: Mutex::new(received_at + shared.settings().visibility_timeout),
             });
             shared.inflight().insert(id, entry.clone());
             Some(Ok(SqsDelivery {
@@ -353,7 +391,9 @@ async fn deleter(
             continue;
         };
         tokio::spawn(async move {
+            let n = batch.len();
             delete_batch(&shared, batch).await;
+            shared.deletes_done(n);
             drop(permit);
         });
     }
@@ -415,7 +455,7 @@ async fn delete_batch(shared: &Shared, batch: Vec<DeleteRequest>) {
 async fn heartbeat(shared: std::sync::Weak<Shared>, cancel: CancellationToken) {
     let tick = {
         let Some(s) = shared.upgrade() else { return };
-        (s.options.visibility_timeout / 4).max(Duration::from_millis(250))
+        (s.settings().visibility_timeout / 4).max(Duration::from_millis(250))
     };
     loop {
         tokio::select! {
@@ -425,7 +465,7 @@ async fn heartbeat(shared: std::sync::Weak<Shared>, cancel: CancellationToken) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let visibility = shared.options.visibility_timeout;
+        let visibility = shared.settings().visibility_timeout;
         let now = Instant::now();
         let due: Vec<(u64, Arc<Entry>)> = shared
             .inflight()
@@ -484,10 +524,54 @@ impl Source for SqsSource {
     fn destination(&self) -> &str {
         &self.shared.queue
     }
+
+    /// Stops the receivers (each finishes its current long poll, at most the
+    /// wait time, and gives back what it got), gives back (visibility 0)
+    /// what was received but not handed out, and returns once every delete
+    /// asked for by an ack has been answered by SQS.
+    async fn close(mut self) -> Result<(), Error> {
+        self.closed = true;
+        self.cancel.cancel();
+        // A long poll cut short could leave its messages invisible for the
+        // visibility timeout: wait for it, bounded by the wait time.
+        let patience = self.shared.settings().wait_time + Duration::from_secs(5);
+        let mut receivers = std::mem::take(&mut self.receivers);
+        let deadline = Instant::now() + patience;
+        for r in &mut receivers {
+            if tokio::time::timeout_at(deadline, &mut *r).await.is_err() {
+                r.abort();
+            }
+        }
+        self.rx.close();
+        let mut buffered = Vec::new();
+        while let Ok(item) = self.rx.try_recv() {
+            if let Ok(d) = item {
+                buffered.push(d);
+            }
+        }
+        let given_back = buffered.len();
+        let failed = release_all(&self.shared, buffered).await;
+        self.shared.deletes_settled().await;
+        tracing::debug!(queue = %self.shared.queue, given_back, "SQS source closed");
+        if failed > 0 {
+            return Err(Error::new(
+                ErrorKind::Settle,
+                format!(
+                    "{failed} received messages of {} could not be made visible again; they return after their visibility timeout",
+                    self.shared.queue
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Drop for SqsSource {
     fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        tracing::warn!(queue = %self.shared.queue, "SQS source dropped without close(): stopping its receivers; acks in flight are not awaited");
         self.cancel.cancel();
         self.rx.close();
         let mut buffered = Vec::new();
@@ -507,7 +591,7 @@ impl Drop for SqsSource {
 }
 
 /// A received SQS message awaiting settlement.
-pub struct SqsDelivery {
+pub(crate) struct SqsDelivery {
     shared: Arc<Shared>,
     entry: Option<Arc<Entry>>,
     id: u64,
@@ -526,11 +610,6 @@ impl std::fmt::Debug for SqsDelivery {
 }
 
 impl SqsDelivery {
-    /// The receipt handle of this receive.
-    pub fn receipt_handle(&self) -> &str {
-        self.entry.as_ref().map_or("", |e| e.receipt.as_str())
-    }
-
     fn entry(&self) -> Arc<Entry> {
         self.entry
             .clone()
@@ -589,11 +668,11 @@ impl Delivery for SqsDelivery {
     async fn ack(self) -> SettleResult<Self> {
         self.settle_with(|shared, receipt| async move {
             let (tx, rx) = oneshot::channel();
-            shared
-                .deletes
-                .send((receipt, tx))
-                .await
-                .map_err(|_| Error::new(ErrorKind::Closed, "the deleter stopped"))?;
+            shared.deletes_pending.fetch_add(1, Ordering::AcqRel);
+            if shared.deletes.send((receipt, tx)).await.is_err() {
+                shared.deletes_done(1);
+                return Err(Error::new(ErrorKind::Closed, "the deleter stopped"));
+            }
             rx.await
                 .map_err(|_| Error::new(ErrorKind::Closed, "the deleter stopped"))?
         })

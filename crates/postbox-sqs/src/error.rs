@@ -60,7 +60,7 @@ const CONTENTS: &[&str] = &[
 ];
 
 /// Classifies an error code returned by SQS or SNS.
-pub fn kind_of_code(code: &str) -> ErrorKind {
+pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
     if NOT_FOUND.contains(&code) {
         ErrorKind::NotFound
     } else if SETTLE.contains(&code) {
@@ -77,7 +77,7 @@ pub fn kind_of_code(code: &str) -> ErrorKind {
 }
 
 /// Maps an SDK error of any SQS/SNS operation, keeping it as the source.
-pub fn from_sdk<E, R>(what: &str, err: SdkError<E, R>) -> Error
+pub(crate) fn from_sdk<E, R>(what: &str, err: SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: fmt::Debug + Send + Sync + 'static,
@@ -115,7 +115,7 @@ where
 /// `DeleteMessageBatch`, `ChangeMessageVisibilityBatch`), kept as the source
 /// of the per-message [`Error`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BatchEntryError {
+pub(crate) struct BatchEntryError {
     /// The error code, e.g. `InvalidMessageContents`.
     pub code: String,
     /// The message the service gave.
@@ -141,7 +141,7 @@ impl std::error::Error for BatchEntryError {}
 
 impl BatchEntryError {
     /// The postbox error for this entry: kind from the code, this as source.
-    pub fn into_error(self, what: &str) -> Error {
+    pub(crate) fn into_error(self, what: &str) -> Error {
         let mut kind = kind_of_code(&self.code);
         if kind == ErrorKind::Rejected && !self.sender_fault {
             kind = ErrorKind::Connection;

@@ -1,69 +1,95 @@
 //! # postbox-sqs
 //!
 //! The postbox adapter for AWS SQS and SNS, on `aws-sdk-sqs` / `aws-sdk-sns`.
+//! [`SqsBroker`] is the broker handle: it implements
+//! [`Broker`](postbox_core::Broker) (subscribe, provision, backlog, health,
+//! scheduled publish, close), [`Publisher`](postbox_core::Publisher) and
+//! [`DeadLetterOps`](postbox_core::DeadLetterOps).
 //!
-//! * [`SqsBroker`] publishes to SQS queues and SNS topics (see [`config`] for
-//!   addressing: `orders`, `orders.fifo`, `sns:orders`, an ARN or a URL),
-//!   with single sends, `SendMessageBatch` / `PublishBatch` in chunks of 10
-//!   with per-message results, FIFO group and de-duplication ids, and
-//!   scheduled sends ([`SqsBroker::publish_delayed`]).
-//! * [`SqsBroker::subscribe`] gives an [`SqsSource`] for the consumer
-//!   runtime: long polling, concurrent receivers into a bounded buffer,
-//!   batched deletes, a visibility heartbeat, attempts from
-//!   `ApproximateReceiveCount`, SNS-wrapped and foreign messages decoded.
-//! * Retries are visibility changes ([`retry`]); dead-lettering goes through
-//!   core's [`DeadLetterRouter`](postbox_core::DeadLetterRouter) to the queue
+//! * Connect with `postbox::connect("sqs://?region=…&endpoint=…")`,
+//!   [`SqsBroker::connect`]`(`[`SqsConfig`]`)` or [`SqsBroker::from_env`]
+//!   (the AWS default chain); your own `SdkConfig` or clients go through
+//!   [`SqsConfig::from_sdk_config`] / [`SqsConfig::from_clients`].
+//! * Publishing: single sends, `SendMessageBatch` / `PublishBatch` in chunks
+//!   of 10 with per-message results, FIFO group and de-duplication ids, and
+//!   `DelaySeconds` sends (`Broker::publish_delayed`, ≤ 15 min).
+//! * Subscribing: a queue, or `sns:<topic>` with a group (the queue
+//!   `<topic>-<group>` subscribed to the topic with raw delivery), declared
+//!   first with a dead-letter queue and redrive policy. Long polling,
+//!   concurrent receivers into a bounded buffer, batched deletes, a
+//!   visibility heartbeat, attempts from `ApproximateReceiveCount`;
+//!   SNS-wrapped and foreign messages are decoded.
+//! * Retries are visibility changes (≤ 12 h, [`MAX_VISIBILITY`]);
+//!   dead-lettering goes through core's
+//!   [`DeadLetterRouter`](postbox_core::DeadLetterRouter) to the queue
 //!   `<queue>-dlq` with the metadata in the body.
-//! * [`topology`] provisions queues, DLQs with redrive policies, topics and
-//!   subscriptions; [`ops`] has depth, DLQ operations and a health check.
 //!
-//! Wire format ([`codec`]): the body is the CloudEvents JSON document; the
-//! attributes are `type` plus the user headers, at most 10 in total.
+//! ## Addressing
+//!
+//! | destination | meaning |
+//! |---|---|
+//! | `orders`, `sqs:orders` | the SQS queue `orders` (URL resolved once and cached) |
+//! | `https://sqs.…/123456789012/orders` | the SQS queue at that URL |
+//! | `orders.fifo` | the FIFO queue `orders.fifo` |
+//! | `sns:orders` | the SNS topic `orders` (ARN resolved once and cached) |
+//! | `arn:aws:sns:…:orders` | the SNS topic with that ARN |
+//!
+//! SQS queue names may not contain dots (except the `.fifo` suffix), so a
+//! queue name is normalised ([`queue_name`]): dots become `-` and a `.fifo`
+//! anywhere moves to the end. The conventional dead-letter destination
+//! `<queue>.dlq` is thus the queue `<queue>-dlq`, and `orders.fifo.dlq` is
+//! `orders-dlq.fifo`.
+//!
+//! Wire format: the body is the CloudEvents JSON document; the message
+//! attributes are [`ATTR_TYPE`] plus the user headers, at most
+//! [`MAX_ATTRIBUTES`] in total.
 //!
 //! ```no_run
-//! use std::sync::Arc;
-//! use postbox_core::{handler_fn, Consumer, DeadLetterRouter, Envelope, Publisher};
-//! use postbox_sqs::{QueueSpec, SqsBroker, SubscriptionSpec};
+//! use postbox_core::{handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, Publisher, SubscribeOptions};
+//! use postbox_sqs::{SqsBroker, SqsConfig};
 //! # async fn demo() -> Result<(), postbox_core::Error> {
-//! // Standard AWS configuration chain; honours AWS_ENDPOINT_URL (LocalStack).
-//! let broker = SqsBroker::from_env(aws_config::BehaviorVersion::latest()).await;
-//! broker.declare_topic("orders").await?;
-//! broker.declare_queue(&QueueSpec::new("billing")).await?; // + billing-dlq, redrive
-//! broker.declare_subscription(&SubscriptionSpec::new("orders", "billing")).await?;
+//! // The AWS default chain, with the endpoint of a local emulator.
+//! let config = SqsConfig::from_url("sqs://?region=us-east-1&endpoint=http://127.0.0.1:4566")?;
+//! let broker = SqsBroker::connect(config).await?;
 //!
+//! // Declares topic `orders`, queue `orders-billing` (+ its DLQ) and the subscription.
+//! let source = broker.subscribe("sns:orders", SubscribeOptions::group("billing")).await?;
 //! broker
 //!     .publish("sns:orders", Envelope::new("order.placed", r#"{"id":1}"#))
-//!     .await
-//!     .map_err(|e| e.error)?;
+//!     .await?;
 //!
-//! let source = broker.subscribe("billing").await?;
 //! let consumer = Consumer::builder(source, handler_fn(|env: Envelope| async move {
 //!     println!("{} {}", env.event_type, env.attempt);
 //!     Ok(())
 //! }))
-//! .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+//! .dead_letter(DeadLetterRouter::new(broker.clone()))
 //! .build()?
 //! .spawn();
-//! consumer.shutdown().await?;
-//! # Ok(()) }
+//! consumer.shutdown().await?; // closes the source: acks confirmed, the rest given back
+//! broker.close().await
+//! # }
 //! ```
 
-pub mod codec;
-pub mod config;
+mod broker;
+mod codec;
+mod config;
 mod consumer;
-pub mod error;
-pub mod ops;
+mod error;
+mod ops;
 mod publisher;
-pub mod retry;
-pub mod topology;
+mod retry;
+mod topology;
 
-pub use config::{queue_name, ConsumerOptions, Destination, FifoDeduplication};
-pub use consumer::{SqsDelivery, SqsSource};
-pub use ops::QueueDepth;
+pub use codec::{ATTR_TYPE, MAX_ATTRIBUTES, SNS_MAX_BYTES, SQS_MAX_BYTES};
+pub use config::{queue_name, FifoDeduplication, SqsConfig};
 pub use publisher::{SqsBroker, MAX_BATCH, MAX_DELAY, SYSTEM};
+pub use retry::MAX_VISIBILITY;
 pub use topology::{QueueSpec, SubscriptionSpec};
 
-/// Re-exported so users need not depend on `aws-config` for the behavior version.
+/// Re-exported so users need not depend on `aws-config` (`SdkConfig`,
+/// `BehaviorVersion`).
 pub use aws_config;
+/// Re-exported for [`SqsConfig::from_clients`] and [`SqsBroker::sns`].
 pub use aws_sdk_sns;
+/// Re-exported for [`SqsConfig::from_clients`] and [`SqsBroker::sqs`].
 pub use aws_sdk_sqs;

@@ -1,7 +1,7 @@
-//! Operations: queue and DLQ depth, DLQ count / peek / replay / purge
-//! ([`DeadLetterOps`]), and a health check.
+//! Operations: queue backlog, DLQ count / peek / replay / purge
+//! ([`DeadLetterOps`]), and the health check.
 //!
-//! * depth: `ApproximateNumberOfMessages`, `…NotVisible`, `…Delayed`;
+//! * backlog: `ApproximateNumberOfMessages`, `…NotVisible`, `…Delayed`;
 //! * peek: receive (hidden for a while), then make visible again at once
 //!   (`ChangeMessageVisibility 0`), so nothing is consumed;
 //! * replay: receive, publish matching messages back to their origin queue
@@ -11,42 +11,25 @@
 //!   [`SqsBroker::purge_queue`] is the native `PurgeQueue`).
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, Message, QueueAttributeName};
 use postbox_core::dlq::{prepare_replay, DeadLetterOps, ReplayFilter, ReplayReport};
-use postbox_core::{Envelope, Error, ErrorKind, Publisher};
+use postbox_core::{Backlog, Envelope, Error, ErrorKind, Health, Publisher};
 
 use crate::codec::{self, Received};
 use crate::config::{name_of, queue_name};
 use crate::error::from_sdk;
-use crate::publisher::{SqsBroker, MAX_BATCH};
-
-/// Approximate message counts of a queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct QueueDepth {
-    /// `ApproximateNumberOfMessages`: ready to be received.
-    pub visible: u64,
-    /// `ApproximateNumberOfMessagesNotVisible`: received, not yet deleted.
-    pub in_flight: u64,
-    /// `ApproximateNumberOfMessagesDelayed`: waiting for their delay.
-    pub delayed: u64,
-}
-
-impl QueueDepth {
-    /// All messages the queue holds.
-    pub fn total(&self) -> u64 {
-        self.visible + self.in_flight + self.delayed
-    }
-}
+use crate::publisher::{SqsBroker, MAX_BATCH, SYSTEM};
 
 /// How long peek/replay keep received messages hidden before giving them back.
 const HOLD: i32 = 60;
 
 impl SqsBroker {
-    /// The depth of a queue (name or URL).
-    pub async fn depth(&self, queue: &str) -> Result<QueueDepth, Error> {
+    /// The backlog of a queue (name or URL): `ApproximateNumberOfMessages`
+    /// waiting, `…NotVisible` in flight, `…Delayed` delayed.
+    pub(crate) async fn queue_backlog(&self, queue: &str) -> Result<Backlog, Error> {
         let url = self.queue_url(queue).await?;
         let out = self
             .inner
@@ -66,24 +49,28 @@ impl SqsBroker {
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        Ok(QueueDepth {
-            visible: get(QueueAttributeName::ApproximateNumberOfMessages),
-            in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-            delayed: get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
-        })
-    }
-
-    /// The depth of a queue's dead-letter queue (`<queue>.dlq`).
-    pub async fn dlq_depth(&self, queue: &str) -> Result<QueueDepth, Error> {
-        self.depth(&postbox_core::dlq::default_destination(name_of(queue)))
-            .await
+        let mut backlog = Backlog::waiting(get(QueueAttributeName::ApproximateNumberOfMessages));
+        backlog.in_flight = Some(get(
+            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        ));
+        backlog.delayed = Some(get(QueueAttributeName::ApproximateNumberOfMessagesDelayed));
+        Ok(backlog)
     }
 
     /// Checks that SQS answers (a `ListQueues` of one, within 5 s).
-    pub async fn health(&self) -> Result<(), Error> {
+    pub(crate) async fn check_health(&self) -> Result<Health, Error> {
+        self.ensure_open()?;
+        let started = Instant::now();
         let call = self.inner.sqs.list_queues().max_results(1).send();
         match tokio::time::timeout(Duration::from_secs(5), call).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                let region = self.inner.sqs.config().region().map_or("?", |r| r.as_ref());
+                Ok(Health::new(
+                    SYSTEM,
+                    started.elapsed(),
+                    format!("SQS answered ListQueues (region {region})"),
+                ))
+            }
             Ok(Err(e)) => Err(from_sdk("ListQueues (health check)", e)),
             Err(_) => Err(Error::new(
                 ErrorKind::Timeout,
@@ -214,8 +201,8 @@ fn receipts(msgs: &[Message]) -> Vec<String> {
 #[async_trait]
 impl DeadLetterOps for SqsBroker {
     async fn count(&self, dlq: &str) -> Result<u64, Error> {
-        match self.depth(&queue_name(dlq)).await {
-            Ok(d) => Ok(d.total()),
+        match self.queue_backlog(&queue_name(dlq)).await {
+            Ok(b) => Ok(b.total()),
             Err(e) if e.kind() == &ErrorKind::NotFound => Ok(0),
             Err(e) => Err(e),
         }

@@ -1,5 +1,5 @@
-//! [`SqsBroker`]: the client handle, and its [`Publisher`] implementation for
-//! SQS queues and SNS topics.
+//! [`SqsBroker`]: the broker handle, its constructors, and its [`Publisher`]
+//! implementation for SQS queues and SNS topics.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,9 +11,10 @@ use aws_sdk_sns::types::PublishBatchRequestEntry;
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 use postbox_core::telemetry::PublisherMetrics;
 use postbox_core::{BatchReport, Envelope, Error, ErrorKind, Limit, PublishError, Publisher};
+use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, Encoded};
-use crate::config::{is_url, Destination, FifoDeduplication};
+use crate::config::{is_url, Destination, FifoDeduplication, Settings, SqsConfig};
 use crate::error::{from_sdk, BatchEntryError};
 
 /// `messaging.system` of this adapter.
@@ -28,18 +29,19 @@ pub(crate) struct Inner {
     pub(crate) sns: aws_sdk_sns::Client,
     urls: RwLock<HashMap<String, String>>,
     topics: RwLock<HashMap<String, String>>,
-    pub(crate) fifo_dedup: FifoDeduplication,
-    pub(crate) fifo_default_group: Option<String>,
-    pub(crate) max_sqs_bytes: usize,
-    pub(crate) max_sns_bytes: usize,
+    pub(crate) settings: Settings,
     metrics: PublisherMetrics,
+    /// Cancelled by [`Broker::close`](postbox_core::Broker::close): refuses
+    /// new work and stops the receivers of every source of this handle.
+    pub(crate) shutdown: CancellationToken,
 }
 
-/// The SQS/SNS client handle: publishes ([`Publisher`]), subscribes
-/// ([`SqsBroker::subscribe`]), provisions ([`crate::topology`]) and operates
-/// ([`postbox_core::DeadLetterOps`], depth, health). Cheap to clone.
+/// The SQS/SNS broker handle: publishes ([`Publisher`]), subscribes,
+/// provisions, reports backlog and health ([`postbox_core::Broker`]) and
+/// operates dead-letter queues ([`postbox_core::DeadLetterOps`]). Cheap to
+/// clone; every clone is the same handle.
 ///
-/// Destinations address queues or topics, see [`crate::config`].
+/// Destinations address queues or topics, see the crate docs.
 #[derive(Clone)]
 pub struct SqsBroker {
     pub(crate) inner: Arc<Inner>,
@@ -49,91 +51,60 @@ impl fmt::Debug for SqsBroker {
     // The clients are not printed: their configuration holds the credentials provider.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqsBroker")
-            .field("fifo_dedup", &self.inner.fifo_dedup)
-            .field("max_sqs_bytes", &self.inner.max_sqs_bytes)
-            .field("max_sns_bytes", &self.inner.max_sns_bytes)
+            .field(
+                "region",
+                &self.inner.sqs.config().region().map(|r| r.as_ref()),
+            )
+            .field("settings", &self.inner.settings)
+            .field("closed", &self.inner.shutdown.is_cancelled())
             .finish_non_exhaustive()
     }
 }
 
 impl SqsBroker {
-    /// A broker on the given clients (any configuration: endpoint, region,
-    /// credentials, retry, timeouts are yours).
-    pub fn new(sqs: aws_sdk_sqs::Client, sns: aws_sdk_sns::Client) -> Self {
-        SqsBroker {
+    /// A broker on `config`: the AWS default chain with its overrides, or
+    /// your `SdkConfig` or clients (see [`SqsConfig`]). Fails with
+    /// [`ErrorKind::Config`] when no region can be found.
+    ///
+    /// AWS clients connect lazily: nothing is sent here, so an unreachable
+    /// endpoint shows on the first call; check with
+    /// [`Broker::health`](postbox_core::Broker::health).
+    pub async fn connect(config: SqsConfig) -> Result<SqsBroker, Error> {
+        let (sqs, sns, settings) = config.into_parts().await?;
+        Ok(SqsBroker {
             inner: Arc::new(Inner {
                 sqs,
                 sns,
                 urls: RwLock::new(HashMap::new()),
                 topics: RwLock::new(HashMap::new()),
-                fifo_dedup: FifoDeduplication::default(),
-                fifo_default_group: None,
-                max_sqs_bytes: codec::SQS_MAX_BYTES,
-                max_sns_bytes: codec::SNS_MAX_BYTES,
+                settings,
                 metrics: PublisherMetrics::new(SYSTEM),
+                shutdown: CancellationToken::new(),
             }),
+        })
+    }
+
+    /// A broker on the AWS default chain: `SqsBroker::connect(SqsConfig::from_env()?)`.
+    /// Without a region (`AWS_REGION`, a profile, instance metadata) it is an
+    /// [`ErrorKind::Config`] error naming `AWS_REGION`.
+    pub async fn from_env() -> Result<SqsBroker, Error> {
+        Self::connect(SqsConfig::from_env()?).await
+    }
+
+    /// [`ErrorKind::Closed`] once the handle is closed.
+    pub(crate) fn ensure_open(&self) -> Result<(), Error> {
+        if self.inner.shutdown.is_cancelled() {
+            Err(closed())
+        } else {
+            Ok(())
         }
-    }
-
-    /// A broker on clients built from a shared AWS configuration.
-    pub fn from_sdk_config(config: &aws_config::SdkConfig) -> Self {
-        Self::new(
-            aws_sdk_sqs::Client::new(config),
-            aws_sdk_sns::Client::new(config),
-        )
-    }
-
-    /// A broker on the standard AWS configuration chain (environment,
-    /// profile, web identity, container and instance credentials), which
-    /// honours `AWS_ENDPOINT_URL` (LocalStack and other emulators) and
-    /// `AWS_REGION`. You choose the SDK `BehaviorVersion`.
-    pub async fn from_env(version: aws_config::BehaviorVersion) -> Self {
-        Self::from_sdk_config(&aws_config::defaults(version).load().await)
-    }
-
-    fn with_inner(self, f: impl FnOnce(&mut Inner)) -> Self {
-        let mut inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| Inner {
-            sqs: shared.sqs.clone(),
-            sns: shared.sns.clone(),
-            urls: RwLock::new(read(&shared.urls).clone()),
-            topics: RwLock::new(read(&shared.topics).clone()),
-            fifo_dedup: shared.fifo_dedup,
-            fifo_default_group: shared.fifo_default_group.clone(),
-            max_sqs_bytes: shared.max_sqs_bytes,
-            max_sns_bytes: shared.max_sns_bytes,
-            metrics: shared.metrics.clone(),
-        });
-        f(&mut inner);
-        SqsBroker {
-            inner: Arc::new(inner),
-        }
-    }
-
-    /// How FIFO de-duplication ids are chosen (default: the envelope id).
-    pub fn with_fifo_deduplication(self, dedup: FifoDeduplication) -> Self {
-        self.with_inner(|i| i.fifo_dedup = dedup)
-    }
-
-    /// The message group of FIFO messages without a partition key (default:
-    /// none, such a message is refused with [`Limit::FifoGroupRequired`]).
-    pub fn with_fifo_default_group(self, group: impl Into<String>) -> Self {
-        let group = group.into();
-        self.with_inner(|i| i.fifo_default_group = Some(group))
     }
 
     fn group_id(&self, env: &Envelope) -> String {
         env.key
             .clone()
-            .or_else(|| self.inner.fifo_default_group.clone())
+            .or_else(|| self.inner.settings.fifo_default_group.clone())
             .unwrap_or_default()
-    }
-
-    /// Overrides the size limits (default 1 MiB for SQS, 256 KiB for SNS).
-    pub fn with_max_bytes(self, sqs: usize, sns: usize) -> Self {
-        self.with_inner(|i| {
-            i.max_sqs_bytes = sqs;
-            i.max_sns_bytes = sns;
-        })
     }
 
     /// The SQS client.
@@ -215,7 +186,7 @@ impl SqsBroker {
     }
 
     fn dedup_id(&self, env: &Envelope) -> Option<String> {
-        match self.inner.fifo_dedup {
+        match self.inner.settings.fifo_dedup {
             FifoDeduplication::EnvelopeId => Some(env.id.to_string()),
             FifoDeduplication::ContentBased => None,
             FifoDeduplication::PerSend => Some(postbox_core::MessageId::new().to_string()),
@@ -231,11 +202,11 @@ impl SqsBroker {
     ) -> Result<Encoded, Error> {
         let fifo = dest.is_fifo();
         let max = match dest {
-            Destination::Queue(_) => self.inner.max_sqs_bytes,
-            Destination::Topic(_) => self.inner.max_sns_bytes,
+            Destination::Queue(_) => self.inner.settings.max_sqs_bytes,
+            Destination::Topic(_) => self.inner.settings.max_sns_bytes,
         };
         let encoded = codec::encode(env, max)?;
-        if fifo && env.key.is_none() && self.inner.fifo_default_group.is_none() {
+        if fifo && env.key.is_none() && self.inner.settings.fifo_default_group.is_none() {
             return Err(Error::limit(Limit::FifoGroupRequired));
         }
         if let Some(delay) = delay {
@@ -258,12 +229,15 @@ impl SqsBroker {
         Ok(encoded)
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         destination: &str,
         envelope: Envelope,
         delay: Option<Duration>,
     ) -> Result<(), PublishError> {
+        if let Err(closed) = self.ensure_open() {
+            return Err(self.failed(closed, envelope));
+        }
         let dest = Destination::parse(destination);
         let encoded = match self.prepare(&dest, &envelope, delay) {
             Ok(e) => e,
@@ -335,20 +309,15 @@ impl SqsBroker {
         Ok(())
     }
 
-    /// Publishes `envelope` to a queue to be delivered after `delay`
-    /// (`DelaySeconds`, rounded up to whole seconds). A delay beyond 15
-    /// minutes is a [`Limit::Delay`] error; FIFO queues and SNS topics have
-    /// no per-message delay ([`Limit::FifoDelayUnsupported`], `Config`).
-    pub async fn publish_delayed(
-        &self,
-        destination: &str,
-        envelope: Envelope,
-        delay: Duration,
-    ) -> Result<(), PublishError> {
-        self.send(destination, envelope, Some(delay)).await
-    }
-
     async fn batch(&self, destination: &str, envelopes: Vec<Envelope>) -> BatchReport {
+        if self.inner.shutdown.is_cancelled() {
+            return BatchReport::new(
+                envelopes
+                    .into_iter()
+                    .map(|env| Err(self.failed(closed(), env)))
+                    .collect(),
+            );
+        }
         let dest = Destination::parse(destination);
         let mut results: Vec<Option<Result<(), PublishError>>> =
             Vec::with_capacity(envelopes.len());
@@ -363,8 +332,8 @@ impl SqsBroker {
             }
         }
         let max_bytes = match dest {
-            Destination::Queue(_) => self.inner.max_sqs_bytes,
-            Destination::Topic(_) => self.inner.max_sns_bytes,
+            Destination::Queue(_) => self.inner.settings.max_sqs_bytes,
+            Destination::Topic(_) => self.inner.settings.max_sns_bytes,
         };
         // Chunks of at most 10 entries and at most the size limit in total.
         let mut chunks: Vec<Vec<(usize, Envelope, Encoded)>> = Vec::new();
@@ -525,6 +494,10 @@ fn clone_error(e: &Error) -> Error {
         src = s.source();
     }
     Error::new(e.kind().clone(), msg)
+}
+
+fn closed() -> Error {
+    Error::new(ErrorKind::Closed, "the SQS broker handle is closed")
 }
 
 pub(crate) fn ceil_secs(d: Duration) -> i32 {

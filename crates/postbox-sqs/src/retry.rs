@@ -23,7 +23,7 @@ pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
 
 /// The visibility timeout (whole seconds, rounded up) that realises a retry
 /// after `delay`, or a [`Limit::Visibility`] error beyond 12 hours.
-pub fn visibility_for(delay: Duration) -> Result<i32, Error> {
+pub(crate) fn visibility_for(delay: Duration) -> Result<i32, Error> {
     if delay > MAX_VISIBILITY {
         return Err(Error::limit(Limit::Visibility {
             max: MAX_VISIBILITY,

@@ -1,7 +1,9 @@
-//! Provisioning (opt-in, idempotent): queues with FIFO, visibility,
-//! retention and a dead-letter queue behind a native redrive policy; SNS
-//! topics; SQS subscriptions with raw delivery, filter policies and the queue
-//! policy that lets SNS deliver.
+//! Provisioning (idempotent): queues with FIFO, visibility, retention and a
+//! dead-letter queue behind a native redrive policy; SNS topics; SQS
+//! subscriptions with raw delivery, filter policies and the queue policy that
+//! lets SNS deliver. `Broker::provision` (and `subscribe`, unless told not
+//! to) declares the usual shape with these; call them directly for the rest
+//! (filter policies, retention, wrapped delivery).
 //!
 //! Running any declaration again is harmless: existing queues get the
 //! declared attributes (except `FifoQueue`, which SQS cannot change),
@@ -22,7 +24,7 @@ use crate::publisher::SqsBroker;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct QueueSpec {
-    /// Queue name (normalised, see [`crate::config`]); `.fifo` makes it FIFO.
+    /// Queue name (normalised, see [`queue_name`](crate::queue_name)); `.fifo` makes it FIFO.
     pub name: String,
     /// Default visibility timeout (SQS default 30 s).
     pub visibility_timeout: Option<Duration>,

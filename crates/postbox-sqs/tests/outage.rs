@@ -12,9 +12,11 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use postbox_core::{handler_fn, Consumer, DeadLetterRouter, Envelope, Publisher};
-use postbox_sqs::aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
-use postbox_sqs::{ConsumerOptions, QueueSpec, SqsBroker};
+use postbox_core::{
+    handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, Publisher, SubscribeOptions,
+};
+use postbox_sqs::SqsBroker;
+use postbox_testkit::env::unique;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -73,40 +75,14 @@ fn upstream() -> String {
         .to_string()
 }
 
-fn broker_via(port: u16) -> SqsBroker {
-    let creds = || {
-        Credentials::new(
-            common::env_or("AWS_ACCESS_KEY_ID", "test"),
-            common::env_or("AWS_SECRET_ACCESS_KEY", "test"),
-            None,
-            None,
-            "outage-test",
-        )
-    };
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let region = common::env_or("AWS_REGION", "us-east-1");
-    let timeouts = postbox_sqs::aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
+/// A broker reaching the emulator through the proxy on `port`, with short
+/// time-outs and long polls.
+async fn broker_via(port: u16) -> SqsBroker {
+    let config = common::config_at(&format!("http://127.0.0.1:{port}"))
         .connect_timeout(Duration::from_secs(1))
         .operation_timeout(Duration::from_secs(10))
-        .build();
-    let sqs = postbox_sqs::aws_sdk_sqs::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(region.clone()))
-        .endpoint_url(&endpoint)
-        .credentials_provider(creds())
-        .timeout_config(timeouts.clone())
-        .build();
-    let sns = postbox_sqs::aws_sdk_sns::Config::builder()
-        .behavior_version(postbox_sqs::aws_sdk_sns::config::BehaviorVersion::latest())
-        .region(postbox_sqs::aws_sdk_sns::config::Region::new(region))
-        .endpoint_url(&endpoint)
-        .credentials_provider(creds())
-        .timeout_config(timeouts)
-        .build();
-    SqsBroker::new(
-        postbox_sqs::aws_sdk_sqs::Client::from_conf(sqs),
-        postbox_sqs::aws_sdk_sns::Client::from_conf(sns),
-    )
+        .wait_time(Duration::from_secs(1));
+    SqsBroker::connect(config).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,10 +95,12 @@ async fn endpoint_unreachable_for_a_while() {
     }
     let mut proxy = Proxy::start_on(0, upstream());
     let port = proxy.port;
-    let broker = broker_via(port);
-    let q = common::unique("outage");
-    let spec = QueueSpec::new(&q);
-    broker.declare_queue(&spec).await.unwrap();
+    let broker = broker_via(port).await;
+    let q = unique("outage");
+    broker
+        .provision(&q, &SubscribeOptions::new())
+        .await
+        .unwrap();
 
     let seen = Arc::new(Mutex::new(BTreeSet::new()));
     let record = seen.clone();
@@ -133,10 +111,10 @@ async fn endpoint_unreachable_for_a_while() {
             Ok(())
         }
     });
-    let options = ConsumerOptions::default().wait_time(Duration::from_secs(1));
-    let source = broker.subscribe_with(&q, options).await.unwrap();
+    let options = SubscribeOptions::new().provision(false);
+    let source = broker.subscribe(&q, options).await.unwrap();
     let running = Consumer::builder(source, handler)
-        .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+        .dead_letter(DeadLetterRouter::new(broker.clone()))
         .build()
         .unwrap()
         .spawn();
@@ -147,7 +125,7 @@ async fn endpoint_unreachable_for_a_while() {
     // Their deletes confirmed too (an ack cut by the outage would mean a
     // redelivery after the visibility timeout, which is correct but slow).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while broker.depth(&q).await.unwrap().total() > 0 {
+    while broker.backlog(&q, None).await.unwrap().total() > 0 {
         assert!(tokio::time::Instant::now() < deadline, "acks not confirmed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -173,7 +151,11 @@ async fn endpoint_unreachable_for_a_while() {
 
     proxy = Proxy::start_on(port, upstream());
     broker.health().await.unwrap();
-    broker.declare_queue(&spec).await.unwrap(); // re-provision (idempotent)
+    // Re-provision (idempotent).
+    broker
+        .provision(&q, &SubscribeOptions::new())
+        .await
+        .unwrap();
     let after: Vec<Envelope> = (0..5).map(|i| Envelope::new("t", format!("{i}"))).collect();
     assert!(broker.publish_batch(&q, after.clone()).await.is_success());
     wait_for(&seen, 10).await;

@@ -11,27 +11,39 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use postbox_core::{
-    handler_fn, Consumer, DeadLetterRouter, Delivery, Envelope, ErrorKind, Limit, Publisher, Retry,
-    Source,
+    handler_fn, BoxDelivery, BoxSource, Broker, Consumer, DeadLetterOps, DeadLetterRouter,
+    Delivery, Envelope, Error, ErrorKind, Limit, Publisher, Retry, Source, SubscribeOptions,
 };
-use postbox_sqs::{ConsumerOptions, QueueSpec, SqsBroker, SqsSource, SubscriptionSpec};
+use postbox_sqs::{QueueSpec, SqsBroker, SqsConfig, SubscriptionSpec};
+use postbox_testkit::env::unique;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A broker on the emulator with short long polls (and `$config` changes),
+/// or a skip.
 macro_rules! broker_or_skip {
     ($test:expr) => {
-        match common::broker($test).await {
+        broker_or_skip!($test, quick())
+    };
+    ($test:expr, $config:expr) => {
+        match common::broker_with($test, $config).await {
             Some(b) => b,
             None => return,
         }
     };
 }
 
-fn quick() -> ConsumerOptions {
-    ConsumerOptions::default().wait_time(Duration::from_secs(1))
+fn quick() -> SqsConfig {
+    common::config().wait_time(Duration::from_secs(1))
 }
 
-async fn next(source: &mut SqsSource) -> postbox_sqs::SqsDelivery {
+/// Subscribes to a queue the test declared itself (provisioning would bring
+/// it back to the broker's defaults).
+fn existing() -> SubscribeOptions {
+    SubscribeOptions::new().provision(false)
+}
+
+async fn next(source: &mut BoxSource) -> BoxDelivery {
     tokio::time::timeout(WAIT, source.next())
         .await
         .expect("a delivery within the time-out")
@@ -39,10 +51,26 @@ async fn next(source: &mut SqsSource) -> postbox_sqs::SqsDelivery {
         .expect("receive ok")
 }
 
+/// A fresh queue (and its DLQ), provisioned through the `Broker` trait.
 async fn queue(broker: &SqsBroker, prefix: &str) -> String {
-    let name = common::unique(prefix);
-    broker.declare_queue(&QueueSpec::new(&name)).await.unwrap();
+    let name = unique(prefix);
+    broker
+        .provision(&name, &SubscribeOptions::new())
+        .await
+        .unwrap();
     name
+}
+
+async fn total(broker: &SqsBroker, queue: &str) -> u64 {
+    broker.backlog(queue, None).await.unwrap().total()
+}
+
+/// The error of a call that must fail (a source is not `Debug`).
+fn refused<T>(result: Result<T, Error>) -> Error {
+    match result {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    }
 }
 
 fn retry(delay: Duration) -> Retry {
@@ -103,7 +131,7 @@ async fn partial_batch_failure_is_reported_per_message() {
         "the service's entry error is the source"
     );
     // The other ten arrived.
-    let mut source = broker.subscribe_with(&q, quick()).await.unwrap();
+    let mut source = broker.subscribe(&q, existing()).await.unwrap();
     let mut got = BTreeSet::new();
     while got.len() < 10 {
         let d = next(&mut source).await;
@@ -123,7 +151,7 @@ async fn partial_batch_failure_is_reported_per_message() {
 async fn limits_are_checked_before_sending() {
     let broker = broker_or_skip!("limits_are_checked_before_sending");
     // The queue does not exist: a limit error proves no call was made.
-    let missing = common::unique("never-created");
+    let missing = unique("never-created");
     let mut env = Envelope::new("t", "{}");
     for i in 0..10 {
         env.headers.insert(format!("h{i}"), "v".into());
@@ -195,7 +223,7 @@ async fn delayed_send_is_held_back() {
         .publish_delayed(&q, env.clone(), Duration::from_secs(2))
         .await
         .unwrap();
-    let mut source = broker.subscribe_with(&q, quick()).await.unwrap();
+    let mut source = broker.subscribe(&q, existing()).await.unwrap();
     let d = next(&mut source).await;
     assert_eq!(d.envelope().id, env.id);
     assert!(
@@ -211,7 +239,7 @@ async fn visibility_beyond_twelve_hours_is_a_typed_error() {
     let broker = broker_or_skip!("visibility_beyond_twelve_hours_is_a_typed_error");
     let q = queue(&broker, "vis").await;
     broker.publish(&q, Envelope::new("t", "{}")).await.unwrap();
-    let mut source = broker.subscribe_with(&q, quick()).await.unwrap();
+    let mut source = broker.subscribe(&q, existing()).await.unwrap();
     let d = next(&mut source).await;
     let e = d
         .retry(retry(Duration::from_secs(12 * 3600 + 1)))
@@ -223,7 +251,7 @@ async fn visibility_beyond_twelve_hours_is_a_typed_error() {
     ));
     // The delivery came back unsettled and can still be acked.
     e.delivery.ack().await.unwrap();
-    assert_eq!(broker.depth(&q).await.unwrap().total(), 0);
+    assert_eq!(total(&broker, &q).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,13 +260,13 @@ async fn retry_is_a_visibility_change_and_attempts_come_from_the_receive_count()
     let q = queue(&broker, "retry").await;
     let env = Envelope::new("t", "{}");
     broker.publish(&q, env.clone()).await.unwrap();
-    let mut source = broker.subscribe_with(&q, quick()).await.unwrap();
+    let mut source = broker.subscribe(&q, existing()).await.unwrap();
     let first = next(&mut source).await;
     assert_eq!(first.attempt(), 1);
     let at = tokio::time::Instant::now();
     first.retry(retry(Duration::from_secs(2))).await.unwrap();
     // Nothing was published: the same message comes back, not a copy.
-    assert_eq!(broker.depth(&q).await.unwrap().total(), 1);
+    assert_eq!(total(&broker, &q).await, 1);
     let second = next(&mut source).await;
     assert!(at.elapsed() >= Duration::from_millis(1900));
     assert_eq!(second.envelope().id, env.id);
@@ -250,7 +278,7 @@ async fn retry_is_a_visibility_change_and_attempts_come_from_the_receive_count()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sns_without_raw_delivery_is_unwrapped() {
     let broker = broker_or_skip!("sns_without_raw_delivery_is_unwrapped");
-    let topic = common::unique("wrapped");
+    let topic = unique("wrapped");
     let q = format!("{topic}-q");
     broker.declare_topic(&topic).await.unwrap();
     broker.declare_queue(&QueueSpec::new(&q)).await.unwrap();
@@ -287,7 +315,7 @@ async fn sns_without_raw_delivery_is_unwrapped() {
         raw.contains("\"Type\"") && raw.contains("Notification"),
         "{raw}"
     );
-    let mut source = broker.subscribe_with(&q, quick()).await.unwrap();
+    let mut source = broker.subscribe(&q, existing()).await.unwrap();
     let d = next(&mut source).await;
     assert_eq!(d.envelope(), &{
         let mut e = env.clone();
@@ -300,7 +328,7 @@ async fn sns_without_raw_delivery_is_unwrapped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sns_filter_policies_route_by_type() {
     let broker = broker_or_skip!("sns_filter_policies_route_by_type");
-    let topic = common::unique("filter");
+    let topic = unique("filter");
     let (all, placed) = (format!("{topic}-all"), format!("{topic}-placed"));
     broker.declare_topic(&topic).await.unwrap();
     for q in [&all, &placed] {
@@ -327,14 +355,14 @@ async fn sns_filter_policies_route_by_type() {
         )
         .await;
     assert!(report.is_success());
-    let mut s_all = broker.subscribe_with(&all, quick()).await.unwrap();
+    let mut s_all = broker.subscribe(&all, existing()).await.unwrap();
     let mut got = BTreeSet::new();
     while got.len() < 2 {
         let d = next(&mut s_all).await;
         got.insert(d.envelope().event_type.to_string());
         d.ack().await.unwrap();
     }
-    let mut s_placed = broker.subscribe_with(&placed, quick()).await.unwrap();
+    let mut s_placed = broker.subscribe(&placed, existing()).await.unwrap();
     let d = next(&mut s_placed).await;
     assert_eq!(d.envelope().id, placed_env.id);
     d.ack().await.unwrap();
@@ -344,12 +372,14 @@ async fn sns_filter_policies_route_by_type() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_keeps_a_slow_handlers_message_invisible() {
-    let broker = broker_or_skip!("heartbeat_keeps_a_slow_handlers_message_invisible");
+    // Visibility 2 s; the handler takes 7 s.
+    let broker = broker_or_skip!(
+        "heartbeat_keeps_a_slow_handlers_message_invisible",
+        quick().visibility_timeout(Duration::from_secs(2))
+    );
     let q = queue(&broker, "heartbeat").await;
     let env = Envelope::new("t", "{}");
     broker.publish(&q, env.clone()).await.unwrap();
-    // Visibility 2 s; the handler takes 7 s.
-    let options = quick().visibility_timeout(Duration::from_secs(2));
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
     let handler = handler_fn(move |_env: Envelope| {
@@ -360,9 +390,9 @@ async fn heartbeat_keeps_a_slow_handlers_message_invisible() {
             Ok(())
         }
     });
-    let source = broker.subscribe_with(&q, options.clone()).await.unwrap();
+    let source = broker.subscribe(&q, existing()).await.unwrap();
     let running = Consumer::builder(source, handler)
-        .dead_letter(DeadLetterRouter::new(Arc::new(broker.clone())))
+        .dead_letter(DeadLetterRouter::new(broker.clone()))
         .build()
         .unwrap()
         .spawn();
@@ -370,7 +400,7 @@ async fn heartbeat_keeps_a_slow_handlers_message_invisible() {
     while calls.load(AtomicOrdering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut rival = broker.subscribe_with(&q, options).await.unwrap();
+    let mut rival = broker.subscribe(&q, existing()).await.unwrap();
     let stolen = tokio::time::timeout(Duration::from_secs(8), rival.next()).await;
     if let Ok(Some(Ok(d))) = &stolen {
         eprintln!("stolen attempt {} after {:?}", d.attempt(), d.envelope().id);
@@ -385,7 +415,7 @@ async fn heartbeat_keeps_a_slow_handlers_message_invisible() {
     let report = running.shutdown().await.unwrap();
     assert_eq!(report.acked, 1, "{report:?}");
     assert_eq!(calls.load(AtomicOrdering::SeqCst), 1);
-    assert_eq!(broker.depth(&q).await.unwrap().total(), 0);
+    assert_eq!(total(&broker, &q).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,18 +424,19 @@ async fn crashed_consumer_messages_come_back_after_visibility() {
     let q = queue(&broker, "crash").await;
     let envs: Vec<Envelope> = (0..5).map(|i| Envelope::new("t", format!("{i}"))).collect();
     assert!(broker.publish_batch(&q, envs.clone()).await.is_success());
-    let options = quick()
+    let config = quick()
         .visibility_timeout(Duration::from_secs(2))
         .receivers(1)
         .buffer(5);
-    // The consumer "process": its own runtime, killed with the messages in
-    // flight (no settle, no release, its heartbeat and receivers die with it).
-    let crashed = broker.clone();
+    // The consumer "process": its own runtime and broker handle, killed with
+    // the messages in flight (no settle, no release, no close: its heartbeat
+    // and receivers die with it).
     let crashed_q = q.clone();
     tokio::task::spawn_blocking(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let mut source = crashed.subscribe_with(&crashed_q, options).await.unwrap();
+            let crashed = SqsBroker::connect(config).await.unwrap();
+            let mut source = crashed.subscribe(&crashed_q, existing()).await.unwrap();
             let mut held = Vec::new();
             for _ in 0..5 {
                 held.push(next(&mut source).await);
@@ -417,8 +448,9 @@ async fn crashed_consumer_messages_come_back_after_visibility() {
     })
     .await
     .unwrap();
-    assert_eq!(broker.depth(&q).await.unwrap().in_flight, 5);
-    let mut after = broker.subscribe_with(&q, quick()).await.unwrap();
+    let backlog = broker.backlog(&q, None).await.unwrap();
+    assert_eq!(backlog.in_flight, Some(5), "{backlog:?}");
+    let mut after = broker.subscribe(&q, existing()).await.unwrap();
     let mut got = BTreeSet::new();
     while got.len() < 5 {
         let d = next(&mut after).await;
@@ -432,8 +464,11 @@ async fn crashed_consumer_messages_come_back_after_visibility() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifo_group_keeps_order_across_retries() {
-    let broker = broker_or_skip!("fifo_group_keeps_order_across_retries");
-    let q = format!("{}.fifo", common::unique("fifo"));
+    let broker = broker_or_skip!(
+        "fifo_group_keeps_order_across_retries",
+        quick().receivers(1)
+    );
+    let q = format!("{}.fifo", unique("fifo"));
     broker.declare_queue(&QueueSpec::new(&q)).await.unwrap();
     let envs: Vec<Envelope> = (0..4)
         .map(|i| {
@@ -444,8 +479,8 @@ async fn fifo_group_keeps_order_across_retries() {
         })
         .collect();
     assert!(broker.publish_batch(&q, envs.clone()).await.is_success());
-    let options = quick().batch_size(1).receivers(1);
-    let mut source = broker.subscribe_with(&q, options).await.unwrap();
+    let options = existing().prefetch(1).ordered(true);
+    let mut source = broker.subscribe(&q, options).await.unwrap();
     let mut order = Vec::new();
     let mut retried = false;
     while order.len() < 4 {
@@ -469,14 +504,13 @@ async fn fifo_group_keeps_order_across_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifo_deduplicates_by_envelope_id() {
     let broker = broker_or_skip!("fifo_deduplicates_by_envelope_id");
-    let q = format!("{}.fifo", common::unique("dedup"));
+    let q = format!("{}.fifo", unique("dedup"));
     broker.declare_queue(&QueueSpec::new(&q)).await.unwrap();
     let env = Envelope::builder("t").key("g").payload("{}").build();
     broker.publish(&q, env.clone()).await.unwrap();
     broker.publish(&q, env.clone()).await.unwrap();
-    let depth = broker.depth(&q).await.unwrap();
     assert_eq!(
-        depth.total(),
+        total(&broker, &q).await,
         1,
         "republishing one envelope id was not de-duplicated"
     );
@@ -485,7 +519,7 @@ async fn fifo_deduplicates_by_envelope_id() {
 #[tokio::test]
 async fn redrive_policy_is_provisioned_idempotently() {
     let broker = broker_or_skip!("redrive_policy_is_provisioned_idempotently");
-    let name = common::unique("redrive");
+    let name = unique("redrive");
     let spec = QueueSpec::new(&name)
         .max_receive_count(7)
         .visibility_timeout(Duration::from_secs(45))
@@ -509,8 +543,11 @@ async fn redrive_policy_is_provisioned_idempotently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_redrive_moves_a_poison_message_to_the_dlq() {
-    let broker = broker_or_skip!("native_redrive_moves_a_poison_message_to_the_dlq");
-    let name = common::unique("poison");
+    let broker = broker_or_skip!(
+        "native_redrive_moves_a_poison_message_to_the_dlq",
+        quick().visibility_timeout(Duration::from_secs(1))
+    );
+    let name = unique("poison");
     broker
         .declare_queue(&QueueSpec::new(&name).max_receive_count(2))
         .await
@@ -526,10 +563,10 @@ async fn native_redrive_moves_a_poison_message_to_the_dlq() {
         .send()
         .await
         .unwrap();
-    let options = quick().visibility_timeout(Duration::from_secs(1));
-    let mut source = broker.subscribe_with(&name, options).await.unwrap();
+    let mut source = broker.subscribe(&name, existing()).await.unwrap();
     let mut errors = 0;
-    while broker.dlq_depth(&name).await.unwrap().total() == 0 {
+    let dlq = postbox_core::dlq::default_destination(&name);
+    while total(&broker, &dlq).await == 0 {
         match tokio::time::timeout(Duration::from_secs(3), source.next()).await {
             Ok(Some(Err(e))) => {
                 assert_eq!(e.kind(), &ErrorKind::Decode);
@@ -545,7 +582,10 @@ async fn native_redrive_moves_a_poison_message_to_the_dlq() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_messages_get_a_synthesized_envelope() {
-    let broker = broker_or_skip!("foreign_messages_get_a_synthesized_envelope");
+    let broker = broker_or_skip!(
+        "foreign_messages_get_a_synthesized_envelope",
+        quick().foreign_type("legacy.event")
+    );
     let q = queue(&broker, "foreign").await;
     let url = broker.queue_url(&q).await.unwrap();
     let out = broker
@@ -556,8 +596,7 @@ async fn foreign_messages_get_a_synthesized_envelope() {
         .send()
         .await
         .unwrap();
-    let options = quick().foreign_type("legacy.event");
-    let mut source = broker.subscribe_with(&q, options).await.unwrap();
+    let mut source = broker.subscribe(&q, existing()).await.unwrap();
     let d = next(&mut source).await;
     assert_eq!(d.envelope().id.as_str(), out.message_id.unwrap());
     assert_eq!(d.envelope().event_type, "legacy.event");
@@ -566,29 +605,99 @@ async fn foreign_messages_get_a_synthesized_envelope() {
 }
 
 #[tokio::test]
-async fn depth_ops_and_health() {
-    let broker = broker_or_skip!("depth_ops_and_health");
-    broker.health().await.unwrap();
-    let q = queue(&broker, "depth").await;
+async fn backlog_counts_waiting_in_flight_and_delayed() {
+    let broker = broker_or_skip!("backlog_counts_waiting_in_flight_and_delayed");
+    let q = queue(&broker, "backlog").await;
     assert!(broker
         .publish_batch(&q, (0..3).map(|_| Envelope::new("t", "{}")).collect())
         .await
         .is_success());
-    let d = broker.depth(&q).await.unwrap();
-    assert_eq!(d.visible, 3, "{d:?}");
-    assert_eq!(broker.dlq_depth(&q).await.unwrap().total(), 0);
-    // Debug never shows the clients (and so no credentials).
+    broker
+        .publish_delayed(&q, Envelope::new("t", "{}"), Duration::from_secs(600))
+        .await
+        .unwrap();
+    let b = broker.backlog(&q, None).await.unwrap();
+    assert_eq!(
+        (b.waiting, b.in_flight, b.delayed),
+        (3, Some(0), Some(1)),
+        "{b:?}"
+    );
+    let mut source = broker.subscribe(&q, existing().prefetch(1)).await.unwrap();
+    let held = next(&mut source).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // The receivers may hold a second message in the buffer.
+        let b = broker.backlog(&q, None).await.unwrap();
+        if b.in_flight >= Some(1) && b.waiting + b.in_flight.unwrap_or(0) == 3 {
+            assert_eq!(b.delayed, Some(1), "{b:?}");
+            assert_eq!(b.total(), 4);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{b:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.ack().await.unwrap();
+    source.close().await.unwrap();
+    // The queue's dead-letter queue is provisioned, and empty.
+    let dlq = broker.backlog(&format!("{q}.dlq"), None).await.unwrap();
+    assert_eq!(dlq.total(), 0, "{dlq:?}");
+    assert_eq!(broker.count(&format!("{q}.dlq")).await.unwrap(), 0);
+    // A queue that does not exist is NotFound.
+    let e = broker
+        .backlog(&unique("never-created"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}");
+}
+
+#[tokio::test]
+async fn health_reports_the_system_and_latency() {
+    let broker = broker_or_skip!("health_reports_the_system_and_latency");
+    let health = broker.health().await.unwrap();
+    assert_eq!(health.system, "aws_sqs");
+    assert!(health.latency > Duration::ZERO);
+    let region = postbox_testkit::env::var_or("AWS_REGION", "us-east-1");
+    assert!(health.detail.contains(&region), "{}", health.detail);
+    // An endpoint nobody listens on: a retryable connection error, not a hang.
+    let dead = SqsBroker::connect(
+        common::config_at("http://127.0.0.1:9")
+            .connect_timeout(Duration::from_secs(1))
+            .operation_timeout(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    let e = dead.health().await.unwrap_err();
+    assert!(e.is_retryable(), "{e:?}");
+}
+
+/// Keys never show in `Debug` (of the configuration or of the broker: the
+/// clients, whose configuration holds the credentials provider, are not
+/// printed). No network: connecting sends nothing.
+#[tokio::test]
+async fn debug_never_shows_credentials() {
+    let config = common::config().credentials("AKIDPOSTBOXTEST", "s3cr3t/postbox+key");
+    let shown = format!("{config:?}");
+    assert!(
+        !shown.contains("AKIDPOSTBOXTEST") && !shown.contains("s3cr3t"),
+        "{shown}"
+    );
+    let broker = SqsBroker::connect(config).await.unwrap();
     let shown = format!("{broker:?}");
     assert!(
-        !shown.contains("test") && shown.contains("SqsBroker"),
+        shown.contains("SqsBroker")
+            && !shown.contains("AKIDPOSTBOXTEST")
+            && !shown.contains("s3cr3t"),
         "{shown}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sns_fifo_topic_fans_out_in_group_order() {
-    let broker = broker_or_skip!("sns_fifo_topic_fans_out_in_group_order");
-    let topic = format!("{}.fifo", common::unique("fifotopic"));
+    let broker = broker_or_skip!(
+        "sns_fifo_topic_fans_out_in_group_order",
+        quick().receivers(1)
+    );
+    let topic = format!("{}.fifo", unique("fifotopic"));
     broker.declare_topic(&topic).await.unwrap();
     let base = topic.trim_end_matches(".fifo");
     let queues = [format!("{base}-a.fifo"), format!("{base}-b.fifo")];
@@ -618,10 +727,7 @@ async fn sns_fifo_topic_fans_out_in_group_order() {
         .collect();
     assert!(broker.publish_batch(&dest, envs.clone()).await.is_success());
     for q in &queues {
-        let mut source = broker
-            .subscribe_with(q, quick().receivers(1))
-            .await
-            .unwrap();
+        let mut source = broker.subscribe(q, existing()).await.unwrap();
         let mut got = Vec::new();
         while got.len() < 5 {
             let d = next(&mut source).await;
@@ -631,4 +737,214 @@ async fn sns_fifo_topic_fans_out_in_group_order() {
         let sent: Vec<_> = envs.iter().map(|e| e.id.clone()).collect();
         assert_eq!(got, sent, "queue {q} out of order");
     }
+}
+
+// ---------------------------------------------------------------------------
+// The `Broker` trait: destinations, groups, provisioning, capabilities, close.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_subscription_provisions_a_queue_per_group() {
+    let broker = broker_or_skip!(
+        "sns_subscription_provisions_a_queue_per_group",
+        quick().max_receive_count(7)
+    );
+    let topic = unique("fan");
+    let dest = format!("sns:{topic}");
+    let mut a = broker
+        .subscribe(&dest, SubscribeOptions::group("a"))
+        .await
+        .unwrap();
+    let mut b = broker
+        .subscribe(&dest, SubscribeOptions::group("b.x"))
+        .await
+        .unwrap();
+    // `<topic>-<group>` (dots normalised), with its DLQ and redrive policy.
+    assert_eq!(a.destination(), format!("{topic}-a"));
+    assert_eq!(b.destination(), format!("{topic}-b-x"));
+    let (arn, max) = broker
+        .redrive_policy(&format!("{topic}-a"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(arn.ends_with(&format!(":{topic}-a-dlq")), "{arn}");
+    assert_eq!(max, 7);
+    let env = Envelope::builder("order.placed")
+        .header("tenant", "acme")
+        .payload(r#"{"id":1}"#)
+        .build();
+    broker.publish(&dest, env.clone()).await.unwrap();
+    for source in [&mut a, &mut b] {
+        // Raw delivery: the envelope as published.
+        let d = next(source).await;
+        assert_eq!(d.envelope(), &{
+            let mut e = env.clone();
+            e.attempt = d.attempt();
+            e
+        });
+        d.ack().await.unwrap();
+    }
+    let backlog = broker.backlog(&dest, Some("a")).await.unwrap();
+    assert_eq!(backlog.waiting, 0, "{backlog:?}");
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    // Provisioning again is harmless.
+    broker
+        .provision(&dest, &SubscribeOptions::group("a"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_sns_destination_needs_a_group() {
+    let broker = broker_or_skip!("an_sns_destination_needs_a_group");
+    let dest = format!("sns:{}", unique("nogroup"));
+    let e = refused(broker.subscribe(&dest, SubscribeOptions::new()).await);
+    assert_eq!(e.kind(), &ErrorKind::Config);
+    assert!(e.message().contains("consumer group"), "{e}");
+    let e = broker
+        .provision(&dest, &SubscribeOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Config);
+    let e = broker.backlog(&dest, None).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Config);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_needs_a_fifo_queue() {
+    let broker = broker_or_skip!("ordered_needs_a_fifo_queue");
+    let q = unique("unordered");
+    let e = refused(
+        broker
+            .subscribe(&q, SubscribeOptions::new().ordered(true))
+            .await,
+    );
+    assert_eq!(e.kind(), &ErrorKind::Unsupported);
+    // Refused before anything was declared.
+    let e = broker.backlog(&q, None).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}");
+    let fifo = format!("{}.fifo", unique("ordered"));
+    let source = broker
+        .subscribe(&fifo, SubscribeOptions::group("g").ordered(true))
+        .await
+        .unwrap();
+    source.close().await.unwrap();
+    // A queue ignores the group for naming: every group competes on it.
+    assert!(broker.backlog(&fifo, Some("other")).await.is_ok());
+    let (arn, _) = broker.redrive_policy(&fifo).await.unwrap().unwrap();
+    assert!(arn.ends_with("-dlq.fifo"), "{arn}");
+}
+
+#[tokio::test]
+async fn capabilities_are_declared() {
+    let broker = broker_or_skip!("capabilities_are_declared");
+    let caps = broker.capabilities();
+    assert!(caps.redelivery_on_close && caps.backlog);
+    assert!(!caps.ordered && !caps.group_fan_out);
+    assert_eq!(caps.scheduled_publish, Some(Duration::from_secs(15 * 60)));
+    assert_eq!(caps.max_message_bytes, Some(1024 * 1024));
+    assert_eq!(caps.max_headers, Some(10));
+    assert_eq!(broker.system(), "aws_sqs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_broker_refuses_work_and_stops_its_sources() {
+    let broker = broker_or_skip!("a_closed_broker_refuses_work_and_stops_its_sources");
+    let q = queue(&broker, "closed").await;
+    let mut source = broker.subscribe(&q, existing()).await.unwrap();
+    broker.close().await.unwrap();
+    let env = Envelope::new("t", "{}");
+    let e = broker.publish(&q, env.clone()).await.unwrap_err();
+    assert_eq!(e.error.kind(), &ErrorKind::Closed);
+    assert_eq!(e.envelope.id, env.id, "the envelope is handed back");
+    let e = broker
+        .publish_delayed(&q, env.clone(), Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.error.kind(), &ErrorKind::Closed);
+    let report = broker.publish_batch(&q, vec![env.clone(), env]).await;
+    assert_eq!(report.failures().count(), 2);
+    assert!(report
+        .failures()
+        .all(|(_, e)| e.error.kind() == &ErrorKind::Closed));
+    let e = refused(broker.subscribe(&q, existing()).await);
+    assert_eq!(e.kind(), &ErrorKind::Closed);
+    let e = broker
+        .provision(&q, &SubscribeOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Closed);
+    assert_eq!(
+        broker.health().await.unwrap_err().kind(),
+        &ErrorKind::Closed
+    );
+    // The open source ends once its receivers finish their long poll.
+    let end = tokio::time::timeout(WAIT, source.next()).await.unwrap();
+    assert!(end.is_none());
+    source.close().await.unwrap();
+}
+
+/// A consumer shut down mid-stream: what it acked is deleted (confirmed)
+/// when `shutdown` returns, what it received and did not hand out is
+/// visible again at once; a fresh consumer gets exactly the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_confirms_acks_and_gives_back_the_buffer() {
+    let config = || quick().receivers(2).buffer(20);
+    let broker = broker_or_skip!("shutdown_confirms_acks_and_gives_back_the_buffer", config());
+    let q = queue(&broker, "shutdown").await;
+    let envs: Vec<Envelope> = (0..150)
+        .map(|i| Envelope::new("t", format!("{i}")))
+        .collect();
+    for chunk in envs.chunks(10) {
+        assert!(broker.publish_batch(&q, chunk.to_vec()).await.is_success());
+    }
+    let handled = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let record = handled.clone();
+    let handler = handler_fn(move |env: Envelope| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().insert(env.id.to_string());
+            Ok(())
+        }
+    });
+    let source = broker.subscribe(&q, existing()).await.unwrap();
+    let running = Consumer::builder(source, handler)
+        .concurrency(4)
+        .dead_letter(DeadLetterRouter::new(broker.clone()))
+        .build()
+        .unwrap()
+        .spawn();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while handled.lock().unwrap().len() < 100 {
+        assert!(tokio::time::Instant::now() < deadline, "too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = running.shutdown().await.unwrap();
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(report.acked as usize, handled.len(), "{report:?}");
+    assert!(handled.len() < envs.len(), "the test needs some left over");
+    // Immediately: the acked are gone, nothing is held invisible.
+    let backlog = broker.backlog(&q, None).await.unwrap();
+    assert_eq!(backlog.in_flight, Some(0), "{backlog:?}");
+    assert_eq!(
+        backlog.total() as usize,
+        envs.len() - handled.len(),
+        "{backlog:?}"
+    );
+    drop(broker);
+
+    let fresh = broker_or_skip!("shutdown_confirms_acks_and_gives_back_the_buffer", config());
+    let mut source = fresh.subscribe(&q, existing()).await.unwrap();
+    let mut rest = BTreeSet::new();
+    while rest.len() < envs.len() - handled.len() {
+        let d = next(&mut source).await;
+        let id = d.envelope().id.to_string();
+        assert!(!handled.contains(&id), "an acked message came back");
+        rest.insert(id);
+        d.ack().await.unwrap();
+    }
+    let more = tokio::time::timeout(Duration::from_secs(2), source.next()).await;
+    assert!(more.is_err(), "more than the rest was delivered");
+    source.close().await.unwrap();
+    assert_eq!(total(&fresh, &q).await, 0);
 }
