@@ -80,10 +80,13 @@ pub struct Retry {
     pub reason: &'static str,
 }
 
-/// Header that carries when the first attempt failed, across retries.
-pub const FIRST_FAILED_AT: &str = "retry.first-failed-at";
+/// Header that carries when the first attempt failed, across retries
+/// (a valid CloudEvents extension name, like every header postbox writes).
+pub const FIRST_FAILED_AT: &str = "retryfirstfailedat";
 /// Header that carries why the last attempt failed.
-pub const LAST_REASON: &str = "retry.reason";
+pub const LAST_REASON: &str = "retryreason";
+/// Every retry header name.
+pub const RETRY_NAMES: [&str; 2] = [FIRST_FAILED_AT, LAST_REASON];
 
 impl Retry {
     /// The envelope of the next attempt: `attempt` set, retry headers replaced

@@ -12,30 +12,55 @@ use crate::error::Error;
 use crate::handler::FailureReason;
 use crate::publisher::Publisher;
 
-/// Prefix of every dead-letter header.
-pub const PREFIX: &str = "dlq.";
-/// `dlq.reason`
-pub const REASON: &str = "dlq.reason";
-/// `dlq.error` (message, at most 1 KiB)
-pub const ERROR: &str = "dlq.error";
-/// `dlq.error-type`
-pub const ERROR_TYPE: &str = "dlq.error-type";
-/// `dlq.attempts`
-pub const ATTEMPTS: &str = "dlq.attempts";
-/// `dlq.first-failed-at`
-pub const FIRST_FAILED_AT: &str = "dlq.first-failed-at";
-/// `dlq.last-failed-at`
-pub const LAST_FAILED_AT: &str = "dlq.last-failed-at";
-/// `dlq.origin` (topic/queue)
-pub const ORIGIN: &str = "dlq.origin";
-/// `dlq.origin-partition`
-pub const ORIGIN_PARTITION: &str = "dlq.origin-partition";
-/// `dlq.origin-offset`
-pub const ORIGIN_OFFSET: &str = "dlq.origin-offset";
-/// `dlq.consumer` (group/handler)
-pub const CONSUMER: &str = "dlq.consumer";
+/// `dlqreason`: why the message was dead-lettered.
+pub const REASON: &str = "dlqreason";
+/// `dlqerror`: the last error message, at most 1 KiB.
+pub const ERROR: &str = "dlqerror";
+/// `dlqerrortype`: the kind of the last error (its type where that says something).
+pub const ERROR_TYPE: &str = "dlqerrortype";
+/// `dlqattempts`: attempts made.
+pub const ATTEMPTS: &str = "dlqattempts";
+/// `dlqfirstfailedat`: when the first attempt failed (RFC 3339).
+pub const FIRST_FAILED_AT: &str = "dlqfirstfailedat";
+/// `dlqlastfailedat`: when the last attempt failed (RFC 3339).
+pub const LAST_FAILED_AT: &str = "dlqlastfailedat";
+/// `dlqorigin`: the topic or queue it was consumed from.
+pub const ORIGIN: &str = "dlqorigin";
+/// `dlqpartition`: the origin partition (Kafka).
+pub const ORIGIN_PARTITION: &str = "dlqpartition";
+/// `dlqoffset`: the origin offset (Kafka).
+pub const ORIGIN_OFFSET: &str = "dlqoffset";
+/// `dlqconsumer`: the consumer (group or handler name).
+pub const CONSUMER: &str = "dlqconsumer";
 
-/// Longest `dlq.error`, in bytes.
+/// Every dead-letter header name. They are valid CloudEvents extension names
+/// (lower-case letters and digits, at most 20 characters), so a dead-lettered
+/// copy is a valid CloudEvent on every broker.
+pub const NAMES: [&str; 10] = [
+    REASON,
+    ERROR,
+    ERROR_TYPE,
+    ATTEMPTS,
+    FIRST_FAILED_AT,
+    LAST_FAILED_AT,
+    ORIGIN,
+    ORIGIN_PARTITION,
+    ORIGIN_OFFSET,
+    CONSUMER,
+];
+
+/// Whether `name` is postbox's own dead-letter or retry metadata (which
+/// adapters with an attribute budget carry in the body, not as attributes).
+pub fn is_metadata(name: &str) -> bool {
+    NAMES.contains(&name) || delivery::RETRY_NAMES.contains(&name)
+}
+
+/// Removes every dead-letter and retry header from `env`.
+fn remove_metadata(env: &mut Envelope) {
+    env.headers.retain(|k, _| !is_metadata(k));
+}
+
+/// Longest `dlqerror`, in bytes.
 pub const MAX_ERROR_BYTES: usize = 1024;
 
 /// The dead-letter metadata: one bounded schema on every broker.
@@ -45,7 +70,8 @@ pub struct DeadLetterMetadata {
     pub reason: FailureReason,
     /// The last error message (truncated to 1 KiB on write).
     pub error: String,
-    /// The Rust type of the last error.
+    /// The kind of the last error: its type where that says something, else
+    /// how it was classified (`transient`, `permanent`, `panic`, …).
     pub error_type: String,
     /// Attempts made.
     pub attempts: u32,
@@ -71,12 +97,11 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 }
 
 impl DeadLetterMetadata {
-    /// Writes the metadata into `env`: every existing `dlq.*` and retry header
-    /// is removed first, so headers never grow however often a message is
+    /// Writes the metadata into `env`: every existing dead-letter and retry
+    /// header is removed first, so headers never grow however often a message is
     /// dead-lettered and replayed.
     pub fn apply(&self, env: &mut Envelope) {
-        env.remove_headers_with_prefix(PREFIX);
-        env.remove_headers_with_prefix("retry.");
+        remove_metadata(env);
         let time = |t: SystemTime| crate::codec::format_time(t).unwrap_or_default();
         let h = &mut env.headers;
         h.insert(REASON.into(), self.reason.as_str().into());
@@ -226,14 +251,12 @@ pub trait DeadLetterOps: Send + Sync {
 }
 
 /// Turns a dead-lettered envelope into the one to replay: the id is kept (so
-/// idempotent consumers skip what they already did), `dlq.*` and retry headers
-/// are removed, and the attempt count starts again at 1. Returns the origin,
-/// or `None` when the envelope has no `dlq.origin`.
+/// idempotent consumers skip what they already did), dead-letter and retry
+/// headers are removed, and the attempt count starts again at 1. Returns the
+/// origin, or `None` when the envelope has no `dlqorigin`.
 pub fn prepare_replay(mut env: Envelope) -> Option<(String, Envelope)> {
     let origin = env.headers.get(ORIGIN)?.clone();
-    env.remove_headers_with_prefix(PREFIX);
-    env.headers.remove(delivery::FIRST_FAILED_AT);
-    env.headers.remove(delivery::LAST_REASON);
+    remove_metadata(&mut env);
     env.attempt = 1;
     Some((origin, env))
 }
@@ -267,6 +290,15 @@ mod tests {
         m.apply(&mut env);
         assert_eq!(DeadLetterMetadata::read(&env), Some(m));
         assert_eq!(env.headers[REASON], "retries-exhausted");
+        for name in NAMES.iter().chain(delivery::RETRY_NAMES.iter()) {
+            assert!(
+                name.len() <= 20
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+                "{name} is not a valid CloudEvents attribute name"
+            );
+        }
         assert_eq!(env.headers[ORIGIN_OFFSET], "42");
     }
 

@@ -58,8 +58,9 @@ fn text() -> impl Strategy<Value = String> {
 fn header_name() -> impl Strategy<Value = String> {
     prop_oneof![
         "[a-z][a-z0-9]{0,12}",
+        Just("dlqreason".to_string()),
+        Just("retryfirstfailedat".to_string()),
         Just("dlq.reason".to_string()),
-        Just("retry.first-failed-at".to_string()),
         any::<String>(),
     ]
     .prop_filter("reserved for an envelope field", |name| !is_reserved(name))

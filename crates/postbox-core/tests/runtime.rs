@@ -519,7 +519,7 @@ async fn transient_failures_are_retried_then_dead_lettered_with_full_metadata() 
     );
     assert!(b.log.position(is_finished("m-1", 4)).unwrap() < published);
 
-    let meta = DeadLetterMetadata::read(copy).expect("complete dlq.* metadata");
+    let meta = DeadLetterMetadata::read(copy).expect("complete dead-letter metadata");
     assert_eq!(meta.reason, FailureReason::RetriesExhausted);
     assert_eq!(copy.headers[dlq::REASON], "retries-exhausted");
     assert_eq!(meta.error, "database unavailable");
@@ -546,7 +546,7 @@ async fn transient_failures_are_retried_then_dead_lettered_with_full_metadata() 
     assert_eq!(
         copy.headers
             .keys()
-            .filter(|k| k.starts_with("dlq."))
+            .filter(|k| postbox_core::dlq::NAMES.contains(&k.as_str()))
             .count(),
         10
     );
@@ -653,7 +653,7 @@ async fn permanent_error_is_dead_lettered_at_once() {
     assert_eq!(
         meta.error.len(),
         dlq::MAX_ERROR_BYTES,
-        "dlq.error is truncated to 1 KiB"
+        "dlqerror is truncated to 1 KiB"
     );
     assert_eq!(meta.first_failed_at, meta.last_failed_at);
     assert_eq!(meta.consumer, CONSUMER);
@@ -1201,7 +1201,7 @@ async fn ordered_retries_exhausted_in_place_dead_letter_with_the_first_failure_t
     assert_eq!(meta.attempts, 3);
     assert!(
         calls[0] <= meta.first_failed_at && meta.first_failed_at < calls[1],
-        "dlq.first-failed-at {:?} is not the time of the first failure (attempts at {:?})",
+        "dlqfirstfailedat {:?} is not the time of the first failure (attempts at {:?})",
         meta.first_failed_at,
         *calls
     );

@@ -18,7 +18,7 @@ pub struct Limits {
     /// Largest message, measured as the structured CloudEvents JSON body.
     pub max_body_bytes: Option<usize>,
     /// Most message attributes: one for `type` plus one per user header
-    /// (postbox's own `dlq.*` / `retry.*` metadata travels in the body).
+    /// (postbox's own `dlq…` / `retry…` metadata travels in the body).
     pub max_attributes: Option<usize>,
     /// Longest delivery delay.
     pub max_delay: Option<Duration>,
@@ -49,11 +49,7 @@ impl Limits {
     /// Checks a message about to be published.
     pub(crate) fn check_message(&self, env: &Envelope) -> Result<(), Error> {
         if let Some(max) = self.max_attributes {
-            let actual = 1 + env
-                .headers
-                .keys()
-                .filter(|k| !k.starts_with(dlq::PREFIX) && !k.starts_with("retry."))
-                .count();
+            let actual = 1 + env.headers.keys().filter(|k| !dlq::is_metadata(k)).count();
             if actual > max {
                 return Err(Error::limit(Limit::AttributeCount { max, actual }));
             }

@@ -44,10 +44,13 @@ async fn sqs_profile_rejects_eleven_attributes_and_hands_the_message_back() {
         })
     );
     assert_eq!(err.envelope.id, env.id);
-    // dlq.* metadata travels in the body and does not count.
+    // Dead-letter and retry metadata travel in the body and do not count.
     let mut dead = Envelope::new("t", "{}");
-    for i in 0..12 {
-        dead.headers.insert(format!("dlq.x{i}"), "v".into());
+    for name in postbox_core::dlq::NAMES
+        .iter()
+        .chain(&postbox_core::delivery::RETRY_NAMES)
+    {
+        dead.headers.insert(name.to_string(), "v".into());
     }
     broker
         .publish("q", dead)
@@ -201,7 +204,10 @@ async fn retry_is_held_by_the_broker_until_due() {
     tokio::time::advance(Duration::from_secs(10)).await;
     let back = next(&mut source).await;
     assert_eq!(back.attempt(), 2);
-    assert_eq!(back.envelope().headers["retry.reason"], "handler-error");
+    assert_eq!(
+        back.envelope().headers[postbox_core::delivery::LAST_REASON],
+        "handler-error"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -24,7 +24,7 @@
 //!   topology and resumes consuming. Unacked deliveries of the lost channel
 //!   are redelivered by the broker; settling them fails with a `Settle` error.
 //! * A message with malformed CloudEvents headers never reaches the handler:
-//!   it is published to `<queue>.dlq` with `dlq.reason = decode`, then acked.
+//!   it is published to `<queue>.dlq` with `dlqreason = decode`, then acked.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -11,8 +11,8 @@
 //!   *redelivered* (and a quorum DLQ would count a delivery — the DLQs this
 //!   crate declares are classic for that reason).
 //! * **replay** takes messages one by one; a message that passes the filter
-//!   (up to `limit`) is published to its origin queue (`dlq.origin`) with its
-//!   id kept and the `dlq.*`/`retry.*` headers removed, confirmed, then acked;
+//!   (up to `limit`) is published to its origin queue (`dlqorigin`) with its
+//!   id kept and the `dlq…`/`retry…` headers removed, confirmed, then acked;
 //!   the others are requeued when the channel closes.
 //! * **purge** is `queue.purge`.
 

@@ -10,7 +10,7 @@
 //! * one `String` attribute per user header (headers whose name is not a valid
 //!   attribute name are carried in the body only).
 //!
-//! postbox's own `retry.*` and `dlq.*` metadata travels inside the body, never
+//! postbox's own `retry…` and `dlq…` metadata travels inside the body, never
 //! as attributes, so the 10-attribute budget of SQS/SNS is `1 + user headers`,
 //! checked before anything is sent ([`Limit::AttributeCount`]).
 //!
@@ -58,13 +58,9 @@ impl Encoded {
     }
 }
 
-fn is_metadata(name: &str) -> bool {
-    name.starts_with(dlq::PREFIX) || name.starts_with("retry.")
-}
-
 /// The number of message attributes `env` needs: `type` plus one per user header.
 pub(crate) fn attribute_count(env: &Envelope) -> usize {
-    1 + env.headers.keys().filter(|k| !is_metadata(k)).count()
+    1 + env.headers.keys().filter(|k| !dlq::is_metadata(k)).count()
 }
 
 /// Whether `name` is a valid SQS/SNS message attribute name.
@@ -110,7 +106,7 @@ pub(crate) fn encode(env: &Envelope, max_bytes: usize) -> Result<Encoded, Error>
     let mut attributes = Vec::with_capacity(count);
     attributes.push((ATTR_TYPE.to_string(), env.event_type.to_string()));
     for (k, v) in &env.headers {
-        if !is_metadata(k) && is_valid_attribute_name(k) && k != ATTR_TYPE && !v.is_empty() {
+        if !dlq::is_metadata(k) && is_valid_attribute_name(k) && k != ATTR_TYPE && !v.is_empty() {
             attributes.push((k.clone(), v.clone()));
         }
     }
@@ -194,7 +190,7 @@ mod tests {
         let env = Envelope::builder("order.placed")
             .key("k")
             .header("tenant", "acme")
-            .header("retry.reason", "x")
+            .header(postbox_core::delivery::LAST_REASON, "x")
             .payload(r#"{"a":1}"#)
             .build();
         let enc = encode(&env, SQS_MAX_BYTES).unwrap();
@@ -229,7 +225,7 @@ mod tests {
             })
         );
         env.headers.remove("h0");
-        env.headers.insert("dlq.reason".into(), "decode".into());
+        env.headers.insert(dlq::REASON.into(), "decode".into());
         assert!(
             encode(&env, SQS_MAX_BYTES).is_ok(),
             "dlq metadata is in the body"

@@ -11,7 +11,7 @@
 //! call, and the delivery is handed back unsettled.
 //!
 //! Because the message itself is not rewritten, the retry headers
-//! (`retry.first-failed-at`, `retry.reason`) are not carried across attempts
+//! (`retryfirstfailedat`, `retryreason`) are not carried across attempts
 //! on SQS; the attempt number comes from the broker's own counter.
 
 use std::time::Duration;

@@ -1081,7 +1081,7 @@ pub async fn dead_letter_operations(h: &dyn Harness) -> TestResult {
                 .envelope
                 .headers
                 .keys()
-                .any(|k| k.starts_with("dlq.")),
+                .any(|k| postbox_core::dlq::is_metadata(k)),
             "replayed copy kept dlq headers"
         );
     }

@@ -15,7 +15,7 @@ pub enum Disposition {
     RetryAfter(Duration),
 }
 
-/// Why a message failed; the `dlq.reason` value (docs/design.md §4).
+/// Why a message failed; the `dlqreason` value (docs/design.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FailureReason {
@@ -77,6 +77,8 @@ impl fmt::Display for FailureReason {
 /// let e = r.permanent().unwrap_err();
 /// assert_eq!(e.disposition(), Disposition::Permanent);
 /// assert_eq!(e.error_type(), "core::num::error::ParseIntError");
+/// // A message names no type: the classification stands in for it.
+/// assert_eq!(HandlerError::transient("db down").error_type(), "transient");
 /// let e = HandlerError::retry_after(Duration::from_secs(2), "rate limited");
 /// assert_eq!(e.disposition(), Disposition::RetryAfter(Duration::from_secs(2)));
 /// ```
@@ -91,9 +93,28 @@ pub struct HandlerError {
 /// What a handler returns.
 pub type HandlerResult = Result<(), HandlerError>;
 
+/// The `dlqerrortype` of an error of Rust type `name`: the type where it says
+/// something (`std::io::Error`), else how the error was classified — a `&str`,
+/// a `String` or an already boxed error names no kind.
+fn describe_type(name: &'static str, disposition: Disposition) -> &'static str {
+    let says_nothing = name == "&str"
+        || name.starts_with("&'")
+        || name == "alloc::string::String"
+        || name.starts_with("alloc::borrow::Cow<")
+        || name.starts_with("alloc::boxed::Box<dyn ");
+    if !says_nothing {
+        return name;
+    }
+    match disposition {
+        Disposition::Transient => "transient",
+        Disposition::Permanent => "permanent",
+        Disposition::RetryAfter(_) => "retry-after",
+    }
+}
+
 impl HandlerError {
     fn from_error<E: Into<BoxError> + 'static>(disposition: Disposition, err: E) -> Self {
-        let error_type = std::any::type_name::<E>();
+        let error_type = describe_type(std::any::type_name::<E>(), disposition);
         let boxed: BoxError = err.into();
         HandlerError {
             disposition,
@@ -123,6 +144,7 @@ impl HandlerError {
     pub fn decode(err: Error) -> Self {
         let mut e = Self::from_error(Disposition::Permanent, err);
         e.reason = FailureReason::Decode;
+        e.error_type = Cow::Borrowed("decode");
         e
     }
 
@@ -169,7 +191,7 @@ impl HandlerError {
         &self.message
     }
 
-    /// The Rust type of the original error (`dlq.error-type`).
+    /// The Rust type of the original error (`dlqerrortype`).
     pub fn error_type(&self) -> &str {
         &self.error_type
     }

@@ -17,7 +17,7 @@ pub(crate) enum Decision {
     },
     /// Permanent failure, or no attempts left: dead-letter.
     DeadLetter {
-        /// The `dlq.reason`.
+        /// The `dlqreason`.
         reason: FailureReason,
     },
 }

@@ -314,7 +314,7 @@ impl RunningConsumer {
 }
 
 impl<S: Source, H: Handler> ConsumerBuilder<S, H> {
-    /// Names the consumer (group or handler name) for `dlq.consumer`,
+    /// Names the consumer (group or handler name) for `dlqconsumer`,
     /// telemetry and logs; defaults to the source's destination.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
