@@ -130,6 +130,17 @@ pub trait Delivery: Send + Sized + 'static {
     /// Where it came from.
     fn origin(&self) -> Origin;
 
+    /// Why the message could not be decoded, when it could not: it carried
+    /// CloudEvents markers but broke the format (bad `specversion`, missing
+    /// `id`, a `time` that is no timestamp, …). The envelope then holds what
+    /// arrived (the body as payload, the transport metadata as headers), and
+    /// the runtime dead-letters it with reason `decode` through the consumer's
+    /// router before any handler runs — the same path on every broker. `None`
+    /// (the default) for a decoded or foreign message.
+    fn decode_error(&self) -> Option<&Error> {
+        None
+    }
+
     /// Processing succeeded: remove the message.
     fn ack(self) -> impl Future<Output = SettleResult<Self>> + Send;
 
@@ -180,6 +191,8 @@ pub trait DynDelivery: Send + 'static {
     fn attempt(&self) -> u32;
     /// See [`Delivery::origin`].
     fn origin(&self) -> Origin;
+    /// See [`Delivery::decode_error`].
+    fn decode_error(&self) -> Option<&Error>;
     /// See [`Delivery::ack`].
     fn ack_boxed(self: Box<Self>) -> BoxFuture<'static, SettleResult<Box<dyn DynDelivery>>>;
     /// See [`Delivery::retry`].
@@ -205,6 +218,9 @@ impl<D: Delivery> DynDelivery for D {
     fn origin(&self) -> Origin {
         Delivery::origin(self)
     }
+    fn decode_error(&self) -> Option<&Error> {
+        Delivery::decode_error(self)
+    }
     fn ack_boxed(self: Box<Self>) -> BoxFuture<'static, SettleResult<Box<dyn DynDelivery>>> {
         Box::pin(async move { rebox(Delivery::ack(*self).await) })
     }
@@ -228,6 +244,9 @@ impl Delivery for Box<dyn DynDelivery> {
     }
     fn origin(&self) -> Origin {
         (**self).origin()
+    }
+    fn decode_error(&self) -> Option<&Error> {
+        (**self).decode_error()
     }
     fn ack(self) -> impl Future<Output = SettleResult<Self>> + Send {
         self.ack_boxed()

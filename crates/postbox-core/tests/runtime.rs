@@ -23,6 +23,9 @@ use tokio::time::Instant;
 const ORIGIN: &str = "orders";
 const PARTITION: i32 = 3;
 const CONSUMER: &str = "billing";
+/// A message sent with this header arrives as undecodable, with its value as
+/// the decoder's error.
+const UNDECODABLE: &str = "undecodable";
 
 // ---------------------------------------------------------------------------
 // The event log shared by the source, the deliveries, the handlers and the DLQ.
@@ -128,6 +131,9 @@ struct TestDelivery {
     /// Where a retry copy goes after its delay (a broker timer), if anywhere.
     redeliver: Option<mpsc::WeakUnboundedSender<Envelope>>,
     settled: bool,
+    /// Set for a message sent with the `undecodable` header: what the
+    /// adapter's decoder said about it.
+    decode_error: Option<postbox_core::Error>,
 }
 
 impl TestDelivery {
@@ -155,6 +161,10 @@ impl Delivery for TestDelivery {
 
     fn origin(&self) -> Origin {
         self.origin.clone()
+    }
+
+    fn decode_error(&self) -> Option<&postbox_core::Error> {
+        self.decode_error.as_ref()
     }
 
     async fn ack(mut self) -> SettleResult<Self> {
@@ -212,7 +222,11 @@ impl Source for TestSource {
                     self.taken.fetch_add(1, AtomicOrdering::SeqCst);
                     let offset = self.next_offset;
                     self.next_offset += 1;
+                    let decode_error = env.headers.get(UNDECODABLE).map(|why| {
+                        postbox_core::Error::new(postbox_core::ErrorKind::Decode, why.clone())
+                    });
                     Ok(TestDelivery {
+                        decode_error,
                         env,
                         origin: Origin {
                             destination: ORIGIN.to_string(),
@@ -717,6 +731,76 @@ async fn typed_handler_with_an_undecodable_payload_is_dead_lettered_as_decode() 
         assert_eq!(meta.attempts, 1);
         assert!(!meta.error.is_empty());
     }
+}
+
+async fn undecodable_deliveries_are_dead_lettered_without_the_handler(
+    ordering: ProcessingOrder,
+    concurrency: usize,
+) {
+    let (b, source) = broker(true);
+    let handler = logged(&b.log, |_env: Envelope| async { Ok(()) });
+    let running = consumer(&b, source, handler)
+        .ordering(ordering)
+        .concurrency(concurrency)
+        .build()
+        .unwrap()
+        .spawn();
+    let mut raw = message("raw");
+    raw.headers.insert(
+        UNDECODABLE.into(),
+        "`time` is not an RFC 3339 timestamp".into(),
+    );
+    raw.headers.insert("ce_time".into(), "yesterday".into());
+    b.send(raw.clone());
+    b.send(message("good"));
+    wait_until("2 settled", || b.log.acks() == 2).await;
+    let r = within(running.shutdown()).await.unwrap();
+    assert_eq!(
+        r,
+        report(|r| {
+            r.received = 2;
+            r.acked = 1;
+            r.dead_lettered = 1;
+        })
+    );
+    assert_eq!(
+        b.log.count(is_started("raw", 1)),
+        0,
+        "the handler never ran"
+    );
+    assert!(
+        b.log.retries().is_empty(),
+        "a decode failure is never retried"
+    );
+    let dead = b.log.dead_letters();
+    assert_eq!(dead.len(), 1);
+    let (destination, copy) = &dead[0];
+    assert_eq!(destination, "orders.dlq");
+    let meta = DeadLetterMetadata::read(copy).unwrap();
+    assert_eq!(meta.reason, FailureReason::Decode);
+    assert_eq!(meta.attempts, 1);
+    assert!(meta.error.contains("RFC 3339"), "{}", meta.error);
+    assert_eq!(meta.error_type, "decode");
+    // What arrived is kept: body and transport metadata unchanged.
+    assert_eq!(copy.payload, raw.payload);
+    assert_eq!(copy.headers["ce_time"], "yesterday");
+}
+
+#[tokio::test(start_paused = true)]
+async fn undecodable_deliveries_are_dead_lettered_without_the_handler_one_at_a_time() {
+    undecodable_deliveries_are_dead_lettered_without_the_handler(ProcessingOrder::Unordered, 1)
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn undecodable_deliveries_are_dead_lettered_without_the_handler_concurrently() {
+    undecodable_deliveries_are_dead_lettered_without_the_handler(ProcessingOrder::Unordered, 4)
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn undecodable_deliveries_are_dead_lettered_without_the_handler_per_key() {
+    undecodable_deliveries_are_dead_lettered_without_the_handler(ProcessingOrder::PerKey, 2).await;
 }
 
 #[tokio::test(start_paused = true)]

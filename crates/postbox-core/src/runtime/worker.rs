@@ -93,7 +93,10 @@ pub(crate) async fn unordered<F: Fetch, H: Handler>(shared: Arc<Shared<H>>, mut 
         // delivery is not moved into one more future on its way to `ack`.
         let attempt = delivery.attempt();
         shared.deposit_first_attempt(attempt);
-        let result = shared.handler.handle(delivery.envelope()).await;
+        let result = match undecodable(&delivery) {
+            Some(e) => Err(e),
+            None => shared.handler.handle(delivery.envelope()).await,
+        };
         if result.is_ok() {
             // What `decide` answers for a success, without rendering the id
             // (only retry jitter needs it).
@@ -220,6 +223,14 @@ pub(crate) async fn dispatch<S: Source, H: Handler>(
     }
 }
 
+/// The failure of a delivery that arrived undecodable: dead-lettered with
+/// reason `decode` before any handler runs (no handler, no retries).
+fn undecodable<D: Delivery>(delivery: &D) -> Option<HandlerError> {
+    delivery
+        .decode_error()
+        .map(|e| HandlerError::decode(Error::new(e.kind().clone(), e.message().to_string())))
+}
+
 fn lane_of(env: &Envelope, lanes: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     env.key.as_deref().unwrap_or("").hash(&mut h);
@@ -254,7 +265,10 @@ impl<H: Handler> Shared<H> {
         self.processing.fetch_add(1, AtomicOrdering::Relaxed);
         let attempt = delivery.attempt();
         self.deposit_first_attempt(attempt);
-        let result = self.handler.handle(delivery.envelope()).await;
+        let result = match undecodable(&delivery) {
+            Some(e) => Err(e),
+            None => self.handler.handle(delivery.envelope()).await,
+        };
         if result.is_ok() {
             let acked = delivery.ack().await;
             self.acked(acked);
@@ -298,6 +312,19 @@ impl<H: Handler> Shared<H> {
     async fn process_in_place<D: Delivery>(&self, delivery: D) {
         let mut attempt = delivery.attempt();
         self.deposit_first_attempt(attempt);
+        if let Some(e) = undecodable(&delivery) {
+            self.settle(
+                delivery,
+                Decision::DeadLetter {
+                    reason: FailureReason::Decode,
+                },
+                attempt,
+                Err(e),
+                None,
+            )
+            .await;
+            return;
+        }
         let mut retried: Option<Envelope> = None;
         loop {
             let env = retried.as_ref().unwrap_or(delivery.envelope());
