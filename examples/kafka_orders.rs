@@ -7,7 +7,7 @@
 //! * one order fails transiently on its first attempt: it is republished to
 //!   a retry topic, its partition there is paused until due, then it succeeds;
 //! * one order is poison: it is dead-lettered with the bounded metadata, and
-//!   the DLQ is inspected with `KafkaOps` (count, peek).
+//!   the DLQ is inspected through the broker handle (count, peek).
 //!
 //! ```sh
 //! scripts/brokers.sh up && eval "$(scripts/brokers.sh env)"   # KAFKA_BOOTSTRAP_SERVERS
@@ -34,16 +34,18 @@ mod example {
     use std::time::{Duration, Instant};
 
     use postbox::dlq::{DeadLetterMetadata, DeadLetterOps};
-    use postbox::kafka::{KafkaConfig, KafkaOps, KafkaPublisher, KafkaSource, TopologySpec};
+    use postbox::kafka::{KafkaBroker, KafkaConfig, TopologySpec};
     use postbox::{
-        handler_fn, Consumer, DeadLetterRouter, Envelope, HandlerBuilder, HandlerError,
-        IdempotencyLayer, MemoryIdempotencyStore, Publisher, RetryPolicy,
+        handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, HandlerBuilder, HandlerError,
+        IdempotencyLayer, MemoryIdempotencyStore, Publisher, RetryPolicy, SubscribeOptions,
     };
 
     pub(crate) async fn run() -> Result<(), Box<dyn std::error::Error>> {
         // KAFKA_BOOTSTRAP_SERVERS, or the local broker of scripts/brokers.sh.
         let config = KafkaConfig::from_env()
             .unwrap_or_else(|_| KafkaConfig::new("127.0.0.1:9092"))
+            // What subscribing provisions: the topic, its retry tiers, its DLQ.
+            .topology(TopologySpec::new(3, 1))
             // A quick first group join (the default is 45 s of session time-out).
             .set("session.timeout.ms", "6000");
         let topic = format!(
@@ -52,16 +54,13 @@ mod example {
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_millis()
         );
-        let publisher = KafkaPublisher::new(&config)?;
-        let ops = KafkaOps::with_publisher(&config, publisher.clone())?;
-        println!("broker: {:?}", ops.health().await?);
+        let broker = KafkaBroker::connect(config).await?;
+        println!("broker: {:?}", broker.health().await?);
 
         // The consumer: provisions the topology, then subscribes to the topic
         // and its retry tiers in consumer group "shipping".
-        let source = KafkaSource::builder(&config, &topic, "shipping")
-            .provision(TopologySpec::new(3, 1))
-            .publisher(publisher.clone())
-            .build()
+        let source = broker
+            .subscribe(&topic, SubscribeOptions::group("shipping"))
             .await?;
 
         let shipped = Arc::new(Mutex::new(HashSet::new()));
@@ -100,7 +99,7 @@ mod example {
                     .with_max_delay(Duration::from_secs(2))
                     .with_max_attempts(4),
             )
-            .dead_letter(DeadLetterRouter::new(Arc::new(publisher.clone())))
+            .dead_letter(DeadLetterRouter::new(broker.clone()))
             .build()?
             .spawn();
 
@@ -117,21 +116,22 @@ mod example {
             orders.push(env);
         }
         orders.push(orders[2].clone()); // a duplicate (same id)
-        let report = publisher.publish_batch(&topic, orders).await;
+        let report = broker.publish_batch(&topic, orders).await;
         println!("published {} of {}", report.succeeded(), report.len());
 
         // Wait until 14 orders shipped and one is in the DLQ.
         let dlq = format!("{topic}.dlq");
         let deadline = Instant::now() + Duration::from_secs(60);
-        while shipped.lock().unwrap().len() < 14 || ops.count(&dlq).await? < 1 {
+        while shipped.lock().unwrap().len() < 14 || broker.count(&dlq).await? < 1 {
             if Instant::now() > deadline {
                 return Err("timed out waiting for the orders".into());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // Finishes in-flight handlers, commits, leaves the group.
         let report = consumer.shutdown().await?;
         println!("consumer: {report:?}");
-        for dead in ops.peek(&dlq, 10).await? {
+        for dead in broker.peek(&dlq, 10).await? {
             let meta = DeadLetterMetadata::read(&dead).ok_or("missing DLQ metadata")?;
             println!(
                 "dead letter {} ({:?}): {} after {} attempt(s), from {} partition {:?} offset {:?}",
@@ -144,6 +144,7 @@ mod example {
                 meta.origin.offset,
             );
         }
+        broker.close().await?;
         Ok(())
     }
 }

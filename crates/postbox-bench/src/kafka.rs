@@ -1,5 +1,5 @@
 //! `postbox-bench kafka`: raw rdkafka versus postbox-kafka against the same
-//! broker, in one run (DESIGN.md §12, issue 4 "Benchmark").
+//! broker, in one run (docs/design.md §12).
 //!
 //! * **publish**: N records of the same payload to a fresh topic, measured
 //!   from the first send to the last delivery report. Raw: `FutureProducer`
@@ -7,7 +7,7 @@
 //!   envelope produces (computed once with `postbox_core::codec::binary` from
 //!   a template envelope, inserted per record), delivery futures pipelined in
 //!   chunks of `--chunk`. postbox: `Envelope::new` per message and
-//!   `KafkaPublisher::publish_batch` of the same chunks. Same `ClientConfig`.
+//!   `KafkaBroker::publish_batch` of the same chunks. Same `ClientConfig`.
 //!   A headerless raw run shows what the headers cost on the wire.
 //! * **consume**: each side reads the topic its own publish round wrote (same
 //!   record sizes), in a fresh consumer group. The group join happens before
@@ -23,7 +23,7 @@
 //!   value as UTF-8), and one that decodes the CloudEvents headers into a
 //!   struct of its own ([`RawEvent`]: `uuid` id, `time` RFC 3339, owned
 //!   strings) — the same decode into the same type as postbox's envelope
-//!   (DESIGN.md §12), so the consume target is judged against it.
+//!   (docs/design.md §12), so the consume target is judged against it.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,8 +32,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use postbox_core::codec::{attr, binary};
-use postbox_core::{Consumer, DeadLetterRouter, Envelope, Handler, HandlerResult, Publisher};
-use postbox_kafka::{KafkaConfig, KafkaPublisher, KafkaSource, Topology, TopologySpec};
+use postbox_core::{
+    Broker, Consumer, DeadLetterRouter, Envelope, Handler, HandlerResult, Publisher,
+    SubscribeOptions,
+};
+use postbox_kafka::{KafkaBroker, KafkaConfig, TopologySpec};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
@@ -109,7 +112,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
         }
     }
     if o.rounds < 3 {
-        return Err("--rounds must be at least 3 (DESIGN.md §12)".into());
+        return Err("--rounds must be at least 3 (docs/design.md §12)".into());
     }
     if o.payload < 24 {
         return Err("--payload must be at least 24 bytes".into());
@@ -157,9 +160,9 @@ fn ce_headers(template: &Envelope) -> Vec<(String, String)> {
         .into_iter()
         .map(|(name, value)| {
             let key = if name == attr::DATACONTENTTYPE {
-                postbox_kafka::codec::CONTENT_TYPE.to_string()
+                postbox_kafka::CONTENT_TYPE.to_string()
             } else {
-                format!("{}{name}", postbox_kafka::codec::CE_PREFIX)
+                format!("{}{name}", postbox_kafka::CE_PREFIX)
             };
             (key, value)
         })
@@ -253,8 +256,10 @@ struct Bench {
     payload: Bytes,
     headers: Vec<(String, String)>,
     raw_producer: FutureProducer,
-    publisher: KafkaPublisher,
-    topology: Topology,
+    /// Publishes, and creates the topics (1 partition, no retry tiers or DLQ).
+    publisher: KafkaBroker,
+    /// Consumes (the consumer settings; no retry tier topics).
+    consumer: KafkaBroker,
     run_id: String,
     names: u64,
 }
@@ -266,8 +271,8 @@ impl Bench {
     }
 
     async fn create_topic(&self, topic: &str) {
-        self.topology
-            .ensure_topics(&[topic.to_string()], &TopologySpec::new(1, 1))
+        self.publisher
+            .provision(topic, &SubscribeOptions::group("bench"))
             .await
             .expect("create topic");
     }
@@ -324,7 +329,9 @@ impl Bench {
             Side::Raw | Side::RawHeaderless => {
                 raw_consume(&self.o, topic, &group, n, HeaderWork::Ignore).await
             }
-            Side::Postbox => postbox_consume(&self.o, &self.publisher, topic, &group, n).await,
+            Side::Postbox => {
+                postbox_consume(&self.consumer, &self.publisher, topic, &group, n).await
+            }
         };
         // Outside the window: the group's committed offset covers everything.
         let committed = committed_offset(&self.o, topic, &group).await;
@@ -334,7 +341,7 @@ impl Bench {
             "{}: committed offset of {topic}",
             side.label()
         );
-        let _ = self.topology.delete_topics(&[topic]).await;
+        let _ = self.publisher.delete_topics(&[topic]).await;
         took
     }
 }
@@ -392,7 +399,7 @@ async fn raw_publish(
 
 /// postbox publish: a new envelope per message, `publish_batch` per chunk.
 async fn postbox_publish(
-    publisher: &KafkaPublisher,
+    publisher: &KafkaBroker,
     topic: &str,
     n: u64,
     payload: &Bytes,
@@ -501,17 +508,15 @@ impl Handler for BenchHandler {
 }
 
 async fn postbox_consume(
-    o: &Options,
-    publisher: &KafkaPublisher,
+    consumer: &KafkaBroker,
+    publisher: &KafkaBroker,
     topic: &str,
     group: &str,
     n: u64,
 ) -> Duration {
-    let config = KafkaConfig::from_client_config(consumer_config(o));
-    let source = KafkaSource::builder(&config, topic, group)
-        .publisher(publisher.clone())
-        .consume_retry_topics(false)
-        .build()
+    let options = SubscribeOptions::group(group).provision(false);
+    let source = consumer
+        .source(topic, options)
         .await
         .expect("postbox source");
     let done = Arc::new(Notify::new());
@@ -523,7 +528,7 @@ async fn postbox_consume(
         done: done.clone(),
     });
     let consumer = Consumer::builder(source, handler.clone())
-        .dead_letter(DeadLetterRouter::new(Arc::new(publisher.clone())))
+        .dead_letter(DeadLetterRouter::new(publisher.clone()))
         .build()
         .expect("consumer config")
         .spawn();
@@ -573,7 +578,7 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
     let header_bytes: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
 
     println!(
-        "postbox-bench kafka: raw rdkafka vs postbox-kafka, same broker, one run (DESIGN.md §12)"
+        "postbox-bench kafka: raw rdkafka vs postbox-kafka, same broker, one run (docs/design.md §12)"
     );
     println!();
     env::print_base(workers);
@@ -617,13 +622,22 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
         .expect("tokio runtime");
 
     rt.block_on(async move {
-        let kafka_config = KafkaConfig::from_client_config(producer_config(&o));
         let raw_producer: FutureProducer = producer_config(&o).create().expect("raw producer");
-        let publisher = KafkaPublisher::new(&kafka_config).expect("postbox publisher");
-        let mut admin = ClientConfig::new();
-        admin.set("bootstrap.servers", &o.bootstrap);
-        let topology =
-            Topology::new(&KafkaConfig::from_client_config(admin)).expect("admin client");
+        let topics = TopologySpec {
+            retry_tiers: false,
+            dlq: false,
+            ..TopologySpec::new(1, 1)
+        };
+        let publisher = KafkaBroker::connect(
+            KafkaConfig::from_client_config(producer_config(&o)).topology(topics),
+        )
+        .await
+        .expect("postbox publisher");
+        let consumer = KafkaBroker::connect(
+            KafkaConfig::from_client_config(consumer_config(&o)).consume_retry_topics(false),
+        )
+        .await
+        .expect("postbox consumer");
         let run_id = format!(
             "{}-{}",
             std::process::id(),
@@ -638,7 +652,7 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
             headers,
             raw_producer,
             publisher,
-            topology,
+            consumer,
             run_id,
             names: 0,
         };
@@ -737,7 +751,7 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
                     verdict(pb, raw)
                 );
             } else {
-                // Same decode into the same type (DESIGN.md §12): the raw
+                // Same decode into the same type (docs/design.md §12): the raw
                 // consumer that decodes the CloudEvents headers as postbox does.
                 let [(_, read), (_, decoded)] = &with_headers;
                 println!(

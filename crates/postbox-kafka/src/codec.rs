@@ -32,13 +32,13 @@ pub const CE_PREFIX: &str = "ce_";
 /// The header that carries `datacontenttype`.
 pub const CONTENT_TYPE: &str = "content-type";
 /// Retry copies: when the copy is due (milliseconds since the Unix epoch).
-pub const RETRY_DUE: &str = "postbox-retry-due";
+pub(crate) const RETRY_DUE: &str = "postbox-retry-due";
 /// Retry copies: the topic the message was first consumed from.
-pub const ORIGIN_TOPIC: &str = "postbox-origin-topic";
+pub(crate) const ORIGIN_TOPIC: &str = "postbox-origin-topic";
 /// Retry copies: the partition the message was first consumed from.
-pub const ORIGIN_PARTITION: &str = "postbox-origin-partition";
+pub(crate) const ORIGIN_PARTITION: &str = "postbox-origin-partition";
 /// Retry copies: the offset the message was first consumed at.
-pub const ORIGIN_OFFSET: &str = "postbox-origin-offset";
+pub(crate) const ORIGIN_OFFSET: &str = "postbox-origin-offset";
 /// Envelope header set on a record whose CloudEvents headers did not decode.
 pub const DECODE_ERROR: &str = "postbox.decode-error";
 
@@ -48,20 +48,20 @@ const RECORD_OVERHEAD: usize = 128;
 
 /// Transport facts of a retry copy (written next to the envelope's headers).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RetryInfo {
+pub(crate) struct RetryInfo {
     /// When the copy is due.
-    pub due: Option<SystemTime>,
+    pub(crate) due: Option<SystemTime>,
     /// Where the message was first consumed: topic, partition, offset.
-    pub origin: Option<(String, i32, i64)>,
+    pub(crate) origin: Option<(String, i32, i64)>,
 }
 
 /// The headers of an envelope and the estimated size of the record.
-pub struct Encoded {
+pub(crate) struct Encoded {
     /// The record headers.
-    pub headers: OwnedHeaders,
+    pub(crate) headers: OwnedHeaders,
     /// Estimated size of the whole record (key, value, headers, overhead),
     /// compared with `message.max.bytes` before sending.
-    pub size: usize,
+    pub(crate) size: usize,
 }
 
 impl std::fmt::Debug for Encoded {
@@ -95,7 +95,7 @@ fn header_name(name: &str) -> Cow<'static, str> {
 
 /// Encodes the envelope's metadata as Kafka headers (binary content mode),
 /// plus the transport headers of a retry copy.
-pub fn encode(env: &Envelope, retry: Option<&RetryInfo>) -> Result<Encoded, Error> {
+pub(crate) fn encode(env: &Envelope, retry: Option<&RetryInfo>) -> Result<Encoded, Error> {
     let attrs = binary::encode(env)?;
     let mut headers = OwnedHeaders::new_with_capacity(attrs.len() + 4);
     let mut size = RECORD_OVERHEAD + env.payload.len() + env.key.as_deref().map_or(0, str::len);
@@ -137,34 +137,36 @@ pub fn encode(env: &Envelope, retry: Option<&RetryInfo>) -> Result<Encoded, Erro
 
 /// A record as the decoder sees it.
 #[derive(Debug, Clone, Copy)]
-pub struct RecordRef<'a> {
+pub(crate) struct RecordRef<'a> {
     /// Topic.
-    pub topic: &'a str,
+    pub(crate) topic: &'a str,
     /// Partition.
-    pub partition: i32,
+    pub(crate) partition: i32,
     /// Offset.
-    pub offset: i64,
+    pub(crate) offset: i64,
     /// Record key.
-    pub key: Option<&'a [u8]>,
+    pub(crate) key: Option<&'a [u8]>,
     /// Record value.
-    pub payload: Option<&'a [u8]>,
+    pub(crate) payload: Option<&'a [u8]>,
 }
 
 /// A decoded record: the envelope and the retry transport facts.
 #[derive(Debug, Clone)]
-pub struct Decoded {
+pub(crate) struct Decoded {
     /// The envelope (boxed: consumers hold it boxed, and it is written once
     /// in place).
-    pub envelope: Box<Envelope>,
+    pub(crate) envelope: Box<Envelope>,
     /// Retry transport headers, if this is a retry copy.
-    pub retry: RetryInfo,
+    pub(crate) retry: RetryInfo,
     /// Whether the record was foreign (no CloudEvents headers, or broken ones).
-    pub foreign: bool,
+    // Only the tests read it: consumers see a foreign record by its type.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) foreign: bool,
 }
 
 /// Decodes a record. Never fails: foreign and broken records become foreign
 /// envelopes (see the module docs).
-pub fn decode<'a>(
+pub(crate) fn decode<'a>(
     record: RecordRef<'a>,
     headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
     foreign_type: &Text,

@@ -23,10 +23,20 @@
 //! of the revoked partitions, stores and synchronously commits their
 //! watermarks, then forgets them. A delivery of a revoked partition that
 //! finishes later is not committed (the partition's next owner processes it
-//! again: at-least-once, nothing lost). Closing the source (dropping it)
-//! commits the same way. The wait blocks the thread that polls the source,
-//! so it needs the multi-thread tokio runtime (on a current-thread runtime
-//! the revoke commits at once without waiting).
+//! again: at-least-once, nothing lost). The wait blocks the thread that polls
+//! the source, so it needs the multi-thread tokio runtime (on a
+//! current-thread runtime the revoke commits at once without waiting).
+//!
+//! # Closing
+//! [`Source::close`] (which the consumer runtime calls when it stops)
+//! commits the watermarks of every partition and waits for the broker to
+//! confirm the commit, then unsubscribes, which revokes the assignment and
+//! leaves the group, and keeps polling (asynchronously, on the caller's task)
+//! until the revoke is served; records fetched meanwhile are not handed out
+//! and not committed. All within the configured request time-out. Dropping
+//! a source without closing it warns and falls back on librdkafka's blocking
+//! close in `Drop`: the revoke commits the watermarks, then the member
+//! leaves.
 //!
 //! # Release
 //! [`Delivery::release`] (and dropping a delivery unsettled) re-queues the
@@ -37,7 +47,6 @@
 //! redelivery without duplicates, and if the consumer dies first the
 //! uncommitted offset is re-read by the next owner.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future as _;
 use std::pin::pin;
@@ -49,11 +58,12 @@ use std::time::{Duration, Instant, SystemTime};
 use postbox_core::envelope::Text;
 use postbox_core::{
     Delivery, Envelope, Error, ErrorKind, Origin, Retry, SettleError, SettleResult, Source,
+    StartPosition,
 };
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
@@ -62,18 +72,6 @@ use crate::config::KafkaConfig;
 use crate::error::from_kafka;
 use crate::publisher::{KafkaPublisher, SYSTEM};
 use crate::retry::RetryTiers;
-use crate::topology::{Topology, TopologySpec};
-
-/// Where a consumer group without committed offsets starts (`auto.offset.reset`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum StartPosition {
-    /// The oldest retained record (default).
-    #[default]
-    Earliest,
-    /// Only records written after the group first joined.
-    Latest,
-}
 
 /// A partition of one of the source's topics: the topic as its index in
 /// [`Shared::topics`] (0 is the origin topic, then the retry tiers), so a key
@@ -305,16 +303,18 @@ struct Shared {
     revoke_timeout: Duration,
     explicit_commit: bool,
     closing: AtomicBool,
-    /// Whether the group handed this member an assignment yet.
+    /// Whether the member holds an assignment: the group's last rebalance
+    /// event for it was an assign (of its partitions, possibly none).
     assigned: AtomicBool,
-    /// Whether a rebalance revoked this member's assignment and has not
-    /// assigned again yet.
-    rebalancing: AtomicBool,
     /// Rebalance events (revokes and assigns) seen.
     rebalance_events: AtomicU64,
-    /// How often the member heartbeats (`heartbeat.interval.ms`): how long
-    /// it may take to notice that the group started a rebalance.
-    heartbeat: Duration,
+    /// The commit [`Source::close`] waits for, and how it went.
+    close_commit: Mutex<Option<CloseCommit>>,
+    /// Woken when the commit of a close is confirmed or the revoke of a
+    /// close was served.
+    close_progress: tokio::sync::Notify,
+    /// Bounds how long closing waits for the broker.
+    request_timeout: Duration,
     /// Whether [`Source::next`] is waiting for a record: only then does a
     /// settle need to wake it (to store a watermark or hand out a re-queued
     /// delivery); otherwise its next call does that work anyway.
@@ -503,6 +503,67 @@ impl Shared {
     }
 }
 
+/// The commit of a closing source: what it committed, and the broker's answer.
+#[derive(Debug)]
+struct CloseCommit {
+    expected: Vec<(Arc<str>, i32, i64)>,
+    outcome: Option<Result<(), Error>>,
+}
+
+impl Shared {
+    /// The watermark of every tracked partition (forgetting them all, so a
+    /// settle from now on commits nothing).
+    fn take_watermarks(&self) -> Vec<(Arc<str>, i32, i64)> {
+        let mut st = self.lock();
+        let mut out = Vec::with_capacity(st.parts.len());
+        for (key, part) in st.parts.drain() {
+            if part.high >= 0 {
+                let topic = self.topics[key.topic as usize].clone();
+                out.push((topic, key.partition, part.watermark()));
+            }
+        }
+        st.requeued.clear();
+        st.parked.clear();
+        self.note_queued(&st);
+        out
+    }
+
+    /// A commit confirmed (or refused) by the broker: settles the close
+    /// commit if it covers the same offsets.
+    fn commit_done(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let mut pending = self.close_commit.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(commit) = pending.as_mut().filter(|c| c.outcome.is_none()) else {
+            return;
+        };
+        let covers = commit.expected.iter().all(|(topic, partition, offset)| {
+            offsets
+                .find_partition(topic, *partition)
+                .is_some_and(|e| e.offset() == Offset::Offset(*offset))
+        });
+        if !covers {
+            return;
+        }
+        let failed = result
+            .err()
+            .or_else(|| offsets.elements().iter().find_map(|e| e.error().err()));
+        commit.outcome = Some(match failed {
+            None => Ok(()),
+            Some(e) => Err(from_kafka(
+                "committing the offsets of a closing source failed",
+                e,
+            )),
+        });
+        drop(pending);
+        self.close_progress.notify_one();
+    }
+
+    /// The outcome of the close commit, once the broker answered.
+    fn close_commit_outcome(&self) -> Option<Result<(), Error>> {
+        let mut pending = self.close_commit.lock().unwrap_or_else(|e| e.into_inner());
+        pending.as_mut().and_then(|c| c.outcome.take())
+    }
+}
+
 /// The consumer context: runs the revoke protocol before partitions go.
 struct Ctx {
     shared: Arc<Shared>,
@@ -528,13 +589,13 @@ impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                self.shared.rebalancing.store(true, Ordering::SeqCst);
+                self.shared.revoke(consumer, tpl);
+                self.shared.assigned.store(false, Ordering::SeqCst);
                 self.shared.rebalance_events.fetch_add(1, Ordering::SeqCst);
-                self.shared.revoke(consumer, tpl)
+                self.shared.close_progress.notify_one();
             }
             Rebalance::Assign(tpl) => {
                 self.shared.assigned.store(true, Ordering::SeqCst);
-                self.shared.rebalancing.store(false, Ordering::SeqCst);
                 self.shared.rebalance_events.fetch_add(1, Ordering::SeqCst);
                 tracing::debug!(group = %self.shared.group, partitions = tpl.count(), "partitions assigned");
             }
@@ -543,102 +604,56 @@ impl ConsumerContext for Ctx {
             }
         }
     }
-}
 
-/// Builds a [`KafkaSource`].
-#[derive(Debug)]
-pub struct KafkaSourceBuilder {
-    config: KafkaConfig,
-    topic: String,
-    group: String,
-    start: StartPosition,
-    foreign_type: Text,
-    publisher: Option<KafkaPublisher>,
-    retry_topics: bool,
-    provision: Option<TopologySpec>,
-}
-
-impl KafkaSourceBuilder {
-    /// Where a group without committed offsets starts (default earliest).
-    pub fn start_from(mut self, start: StartPosition) -> Self {
-        self.start = start;
-        self
-    }
-
-    /// The `type` given to foreign records (default `postbox.foreign`).
-    pub fn foreign_type(mut self, event_type: impl Into<Text>) -> Self {
-        self.foreign_type = event_type.into();
-        self
-    }
-
-    /// The publisher used for retry copies (default: a new one from the config).
-    pub fn publisher(mut self, publisher: KafkaPublisher) -> Self {
-        self.publisher = Some(publisher);
-        self
-    }
-
-    /// Whether to consume the retry tier topics too (default true). Without
-    /// them, retry copies are written but nobody handles them.
-    pub fn consume_retry_topics(mut self, yes: bool) -> Self {
-        self.retry_topics = yes;
-        self
-    }
-
-    /// Creates the topic, its retry tiers and its DLQ before subscribing
-    /// (opt-in; existing topics are left as they are).
-    pub fn provision(mut self, spec: TopologySpec) -> Self {
-        self.provision = Some(spec);
-        self
-    }
-
-    /// Connects, provisions if asked, and subscribes to the topic and its
-    /// existing retry tier topics.
-    pub async fn build(self) -> Result<KafkaSource, Error> {
-        let tiers = self.config.tiers.clone();
-        if let Some(spec) = &self.provision {
-            Topology::new(&self.config)?
-                .ensure_consumer_topology(&self.topic, spec)
-                .await?;
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if self.shared.closing.load(Ordering::SeqCst) {
+            self.shared.commit_done(result, offsets);
         }
-        let publisher = match self.publisher {
-            Some(p) => p,
-            None => KafkaPublisher::new(&self.config)?,
-        };
-        let reset = match self.start {
-            StartPosition::Earliest => "earliest",
+    }
+}
+
+impl KafkaSource {
+    /// Subscribes consumer group `group` to `topic` and to its retry tier
+    /// topics that exist; retry copies go out through `publisher`.
+    pub(crate) fn open(
+        config: &KafkaConfig,
+        topic: &str,
+        group: &str,
+        start: StartPosition,
+        publisher: KafkaPublisher,
+    ) -> Result<KafkaSource, Error> {
+        let tiers = config.tiers.clone();
+        let reset = match start {
             StartPosition::Latest => "latest",
+            _ => "earliest",
         };
-        let mut native = self
-            .config
-            .with_defaults(&[("auto.offset.reset", reset), ("enable.auto.commit", "true")]);
-        native.set("group.id", &self.group);
+        let mut native =
+            config.with_defaults(&[("auto.offset.reset", reset), ("enable.auto.commit", "true")]);
+        native.set("group.id", group);
         // The contract: offsets are stored by postbox after processing only.
         native.set("enable.auto.offset.store", "false");
         let explicit_commit = native.get("enable.auto.commit") == Some("false");
-        let heartbeat = native
-            .get("heartbeat.interval.ms")
-            .and_then(|ms| ms.parse().ok())
-            .map_or(Duration::from_secs(3), Duration::from_millis);
-        let mut topics: Vec<Arc<str>> = vec![Arc::from(self.topic.as_str())];
-        if self.retry_topics {
-            topics.extend(tiers.topics(&self.topic).into_iter().map(Arc::from));
+        let mut topics: Vec<Arc<str>> = vec![Arc::from(topic)];
+        if config.retry_topics {
+            topics.extend(tiers.topics(topic).into_iter().map(Arc::from));
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             settled: Condvar::new(),
             wake: tokio::sync::Notify::new(),
             publisher,
-            group: self.group.clone(),
+            group: group.to_string(),
             topics: topics.clone(),
             tiers,
-            foreign_type: self.foreign_type,
-            revoke_timeout: self.config.revoke_timeout,
+            foreign_type: config.foreign_type.clone(),
+            revoke_timeout: config.revoke_timeout,
             explicit_commit,
             closing: AtomicBool::new(false),
             assigned: AtomicBool::new(false),
-            rebalancing: AtomicBool::new(false),
             rebalance_events: AtomicU64::new(0),
-            heartbeat,
+            close_commit: Mutex::new(None),
+            close_progress: tokio::sync::Notify::new(),
+            request_timeout: config.request_timeout,
             waiting: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
@@ -651,10 +666,10 @@ impl KafkaSourceBuilder {
             .map_err(|e| from_kafka("the Kafka consumer could not be created", e))?;
         // Subscribe to the retry tiers that exist (a missing topic in a
         // subscription is an error event on every poll).
-        let mut subscribe: Vec<&str> = vec![&self.topic];
+        let mut subscribe: Vec<&str> = vec![topic];
         if topics.len() > 1 {
             let md = consumer
-                .fetch_metadata(None, self.config.request_timeout)
+                .fetch_metadata(None, config.request_timeout)
                 .map_err(|e| from_kafka("fetching topic metadata failed", e))?;
             let existing: Vec<&str> = md
                 .topics()
@@ -700,31 +715,27 @@ impl std::fmt::Debug for KafkaSource {
 }
 
 impl KafkaSource {
-    /// Starts building a source of `topic` for consumer group `group`.
-    pub fn builder(
-        config: &KafkaConfig,
-        topic: impl Into<String>,
-        group: impl Into<String>,
-    ) -> KafkaSourceBuilder {
-        KafkaSourceBuilder {
-            config: config.clone(),
-            topic: topic.into(),
-            group: group.into(),
-            start: StartPosition::Earliest,
-            foreign_type: Cow::Borrowed(postbox_core::codec::foreign::DEFAULT_FOREIGN_TYPE),
-            publisher: None,
-            retry_topics: true,
-            provision: None,
-        }
-    }
-
     fn consumer(&self) -> &StreamConsumer<Ctx> {
-        self.consumer.as_ref().expect("open until dropped")
+        self.consumer.as_ref().expect("open until closed")
     }
 
     /// The consumer group.
     pub fn group(&self) -> &str {
         &self.shared.group
+    }
+
+    /// Whether this member holds an assignment: its group's last rebalance
+    /// handed it its partitions (possibly none, when the group has more
+    /// members than partitions) and has not revoked them since. False until
+    /// the first group join completes, which takes polling ([`Source::next`]).
+    pub fn is_assigned(&self) -> bool {
+        self.shared.assigned.load(Ordering::SeqCst)
+    }
+
+    /// How many rebalance events (assignments and revocations) this member
+    /// has seen: 0 until its first group join completes.
+    pub fn rebalances(&self) -> u64 {
+        self.shared.rebalance_events.load(Ordering::SeqCst)
     }
 
     /// The native consumer (for metrics, positions, assignment).
@@ -1016,6 +1027,85 @@ impl Source for KafkaSource {
     fn destination(&self) -> &str {
         self.shared.origin_topic()
     }
+
+    /// Commits the watermarks, waits for the broker's confirmation, then
+    /// leaves the group (see the module documentation). An error says the
+    /// commit failed or did not finish in time: the group's next member
+    /// then processes again what came after the last commit.
+    async fn close(mut self) -> Result<(), Error> {
+        let Some(consumer) = self.consumer.take() else {
+            return Ok(());
+        };
+        let shared = self.shared.clone();
+        shared.closing.store(true, Ordering::SeqCst);
+        let left = leave(&consumer, &shared).await;
+        // librdkafka's own close: quick now that the member has left.
+        drop(consumer);
+        left
+    }
+}
+
+/// Closes a member: commits what was processed (confirmed by the broker),
+/// unsubscribes and serves the revoke that follows, polling without handing
+/// anything out.
+async fn leave(consumer: &StreamConsumer<Ctx>, shared: &Shared) -> Result<(), Error> {
+    let watermarks = shared.take_watermarks();
+    let committing = !watermarks.is_empty();
+    if committing {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, offset) in &watermarks {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+        }
+        *shared
+            .close_commit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(CloseCommit {
+            expected: watermarks,
+            outcome: None,
+        });
+        // Stored too, so librdkafka's own commit on revoke cannot go back.
+        let _ = consumer.store_offsets(&tpl);
+        consumer
+            .commit(&tpl, CommitMode::Async)
+            .map_err(|e| from_kafka("committing the offsets of a closing source failed", e))?;
+    }
+    let revoking = shared.assigned.load(Ordering::SeqCst);
+    consumer.unsubscribe();
+    let deadline = tokio::time::Instant::now() + shared.request_timeout;
+    let mut committed = !committing;
+    loop {
+        if !committed {
+            if let Some(outcome) = shared.close_commit_outcome() {
+                outcome?;
+                committed = true;
+            }
+        }
+        let revoked = !revoking || !shared.assigned.load(Ordering::SeqCst);
+        if committed && revoked {
+            return Ok(());
+        }
+        tokio::select! {
+            biased;
+            _ = shared.close_progress.notified() => {}
+            // Serves the commit confirmation and the revoke; a record is
+            // dropped untracked (never committed: the next owner reads it).
+            m = consumer.recv() => {
+                if let Err(e) = m {
+                    tracing::debug!(error = %e, "Kafka consumer error while closing");
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let what = if committed { "leaving the group" } else { "the commit" };
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "closing the Kafka source of group {}: {what} was not confirmed within {:?}",
+                        shared.group, shared.request_timeout
+                    ),
+                ));
+            }
+        }
+    }
 }
 
 /// librdkafka reports most consumer errors as events and recovers by itself
@@ -1053,120 +1143,22 @@ const STORE_EVERY: Duration = Duration::from_millis(5);
 /// consume path); a source that waited reads it at once.
 const CLOCK_EVERY: u32 = 16;
 
-/// How long a source closed before its first assignment keeps taking part
-/// in the group (in the background) so that it leaves cleanly.
-const JOIN_BEFORE_LEAVE: Duration = Duration::from_secs(30);
-
-/// Taken by a source closed before its first assignment while it waits for
-/// its group to be steady and leaves: one such leave at a time per process.
-static LEAVE_TURN: AtomicBool = AtomicBool::new(false);
-
-/// Holding [`LEAVE_TURN`]; gives it back when dropped.
-struct LeaveTurn;
-
-impl LeaveTurn {
-    fn try_take() -> Option<LeaveTurn> {
-        LEAVE_TURN
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .ok()
-            .map(|_| LeaveTurn)
-    }
-}
-
-impl Drop for LeaveTurn {
-    fn drop(&mut self) {
-        LEAVE_TURN.store(false, Ordering::SeqCst);
-    }
-}
-
 impl Drop for KafkaSource {
     fn drop(&mut self) {
-        // Closing: the revoke commits the watermarks without waiting (the
-        // runtime has finished or abandoned its handlers by now).
-        self.shared.closing.store(true, Ordering::SeqCst);
         let Some(consumer) = self.consumer.take() else {
             return;
         };
-        if self.shared.assigned.load(Ordering::SeqCst) {
-            // Closes here: revoke → commit → leave group.
-            drop(consumer);
-            return;
-        }
-        // Closed in the middle of its first group join. Leaving a group
-        // half-joined, or while it rebalances, wedges some brokers'
-        // coordinators (tansu keeps the departed member as the leader of a
-        // generation that never syncs), and it has nothing to commit yet:
-        // finish the join in the background (records are not handed out),
-        // then leave once the group is steady, one such member of this
-        // process at a time (the leave of one starts a rebalance the others
-        // take part in first).
-        let shared = self.shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("postbox-kafka-close".into())
-            .spawn(move || {
-                let turn = tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                    .ok()
-                    .and_then(|rt| rt.block_on(join_then_settle(&consumer, &shared)));
-                drop(consumer); // leaves the group
-                drop(turn);
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "could not close the consumer in the background");
-        }
+        tracing::warn!(
+            topic = self.shared.origin_topic(),
+            group = %self.shared.group,
+            "a Kafka source was dropped without Source::close: closing it in Drop (blocking this thread)"
+        );
+        // The revoke commits the watermarks without waiting (the runtime
+        // has finished or abandoned its handlers by now), then the member
+        // leaves.
+        self.shared.closing.store(true, Ordering::SeqCst);
+        drop(consumer);
     }
-}
-
-/// Polls a source closed before its first assignment for `d`, dropping the
-/// records (not tracked: never committed, re-read later), so it keeps taking
-/// part in the group's rebalances.
-async fn poll_for(consumer: &StreamConsumer<Ctx>, d: Duration) {
-    let polling = async {
-        loop {
-            drop(consumer.recv().await);
-        }
-    };
-    let _ = tokio::time::timeout(d, polling).await;
-}
-
-/// For a source closed before its first assignment: finishes the group join,
-/// takes this process's [`LEAVE_TURN`], then waits until no rebalance event
-/// came for two heartbeats (what it takes to notice one that the previous
-/// leave started), all within [`JOIN_BEFORE_LEAVE`]. Returns the turn, to be
-/// held until the consumer has left; `None` if the join did not finish or
-/// the turn did not come in time.
-async fn join_then_settle(consumer: &StreamConsumer<Ctx>, shared: &Shared) -> Option<LeaveTurn> {
-    let deadline = tokio::time::Instant::now() + JOIN_BEFORE_LEAVE;
-    let joined = async {
-        while !shared.assigned.load(Ordering::SeqCst) {
-            poll_for(consumer, Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout_at(deadline, joined).await.ok()?;
-    // Waits for the turn while polling: a member that does not poll cannot
-    // take part in a rebalance and holds the whole group up.
-    let take_turn = async {
-        loop {
-            match LeaveTurn::try_take() {
-                Some(turn) => return turn,
-                None => poll_for(consumer, Duration::from_millis(50)).await,
-            }
-        }
-    };
-    let turn = tokio::time::timeout_at(deadline, take_turn).await.ok()?;
-    let steady = async {
-        loop {
-            let seen = shared.rebalance_events.load(Ordering::SeqCst);
-            poll_for(consumer, shared.heartbeat * 2).await;
-            let quiet = shared.rebalance_events.load(Ordering::SeqCst) == seen;
-            if quiet && !shared.rebalancing.load(Ordering::SeqCst) {
-                return;
-            }
-        }
-    };
-    let _ = tokio::time::timeout_at(deadline, steady).await;
-    Some(turn)
 }
 
 /// One record handed to a handler.

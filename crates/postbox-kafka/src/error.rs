@@ -11,6 +11,10 @@
 //! | message too large | `LimitExceeded(BodySize)` (permanent) |
 //! | client creation / configuration | `Config` (permanent) |
 //! | other broker refusals (authorization, invalid record, …) | `Rejected` |
+//!
+//! A configuration error about a secret property (see
+//! `config::is_secret`) keeps neither librdkafka's description nor the
+//! rdkafka error: both quote the value.
 
 use postbox_core::{Error, ErrorKind, Limit};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -21,7 +25,7 @@ pub(crate) fn code_of(e: &KafkaError) -> Option<RDKafkaErrorCode> {
 }
 
 /// The postbox kind of a librdkafka error code.
-pub fn kind_of_code(code: RDKafkaErrorCode) -> ErrorKind {
+pub(crate) fn kind_of_code(code: RDKafkaErrorCode) -> ErrorKind {
     use RDKafkaErrorCode as C;
     match code {
         C::BrokerTransportFailure
@@ -49,7 +53,21 @@ pub fn kind_of_code(code: RDKafkaErrorCode) -> ErrorKind {
 
 /// Converts an rdkafka error into a postbox error with `message` as context;
 /// the rdkafka error stays as `source()`.
-pub fn from_kafka(message: impl Into<std::borrow::Cow<'static, str>>, e: KafkaError) -> Error {
+pub(crate) fn from_kafka(
+    message: impl Into<std::borrow::Cow<'static, str>>,
+    e: KafkaError,
+) -> Error {
+    if let KafkaError::ClientConfig(_, description, key, _) = &e {
+        let message = message.into();
+        if crate::config::is_secret(key) {
+            return Error::new(
+                ErrorKind::Config,
+                format!("{message}: invalid value for the configuration property {key}"),
+            );
+        }
+        let text = format!("{message}: {description}");
+        return Error::new(ErrorKind::Config, text).with_source(e);
+    }
     let kind = match &e {
         KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => ErrorKind::Config,
         KafkaError::Canceled => ErrorKind::Closed,
@@ -66,7 +84,8 @@ pub fn from_kafka(message: impl Into<std::borrow::Cow<'static, str>>, e: KafkaEr
 
 /// Whether the error is worth retrying (the same classification as the
 /// [`ErrorKind`] it maps to).
-pub fn is_retryable(e: &KafkaError) -> bool {
+#[cfg(test)]
+fn is_retryable(e: &KafkaError) -> bool {
     from_kafka("", e.clone()).is_retryable()
 }
 
@@ -96,5 +115,33 @@ mod tests {
             from_kafka("x", KafkaError::ClientCreation("bad".into())).kind(),
             &ErrorKind::Config
         );
+    }
+
+    #[test]
+    fn config_errors_of_secret_properties_do_not_quote_the_value() {
+        use rdkafka::types::RDKafkaConfRes;
+        let e = from_kafka(
+            "creating the producer failed",
+            KafkaError::ClientConfig(
+                RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+                "Invalid value \"hunter2\" for configuration property \"sasl.password\"".into(),
+                "sasl.password".into(),
+                "hunter2".into(),
+            ),
+        );
+        assert_eq!(e.kind(), &ErrorKind::Config);
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("sasl.password"), "{text}");
+        let e = from_kafka(
+            "x",
+            KafkaError::ClientConfig(
+                RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN,
+                "No such configuration property: \"lingr.ms\"".into(),
+                "lingr.ms".into(),
+                "5".into(),
+            ),
+        );
+        assert!(e.to_string().contains("lingr.ms"), "{e}");
     }
 }

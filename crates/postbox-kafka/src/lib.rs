@@ -1,64 +1,71 @@
 //! # postbox-kafka
 //!
 //! The Apache Kafka adapter of postbox, on rdkafka (bundled librdkafka).
+//! Start from [`KafkaBroker`]: `postbox::connect("kafka://host:9092")` with
+//! the facade, or [`KafkaBroker::connect`] with a [`KafkaConfig`].
 //!
-//! * [`KafkaPublisher`]: idempotent producer, `acks=all`; `publish` resolves
-//!   on the delivery report, `publish_batch` pipelines and reports each
-//!   record; CloudEvents binary mode (`ce_*` headers, `content-type`, record
-//!   key = partition key, see [`codec`]); size checked against
-//!   `message.max.bytes` before sending.
-//! * [`KafkaSource`]: a consumer group; offsets stored only after processing,
-//!   committed as the contiguous completed watermark per partition;
-//!   rebalance-safe; foreign records consumed with a synthesized envelope.
+//! * Publishing ([`Publisher`](postbox_core::Publisher)): idempotent
+//!   producer, `acks=all`; `publish` resolves on the delivery report,
+//!   `publish_batch` pipelines and reports each record; CloudEvents binary
+//!   mode (`ce_*` headers, [`CONTENT_TYPE`], record key = partition key);
+//!   size checked against `message.max.bytes` before sending.
+//! * Subscribing ([`Broker::subscribe`](postbox_core::Broker::subscribe), or
+//!   [`KafkaBroker::source`] for the concrete [`KafkaSource`]): a consumer
+//!   group on a topic; offsets stored only after processing, committed as
+//!   the contiguous completed watermark per partition; rebalance-safe;
+//!   foreign records consumed with a synthesized envelope; closing commits
+//!   and leaves the group.
 //! * Retries ([`retry`]): ordered mode retries in place (core's
-//!   `ProcessingOrder::PerKey`); unordered mode republishes to delay-tier retry
-//!   topics `<topic>.retry.<tier>` whose partitions are paused until due.
-//!   Dead letters go to `<topic>.dlq` through core's `DeadLetterRouter`.
-//! * [`Topology`] (opt-in topic creation) and [`KafkaOps`] (DLQ count / peek
-//!   / replay / purge, consumer lag, health).
+//!   `ProcessingOrder::PerKey`); unordered mode republishes to delay-tier
+//!   retry topics `<topic>.retry.<tier>` whose partitions are paused until
+//!   due. Dead letters go to `<topic>.dlq` through core's `DeadLetterRouter`.
+//! * Operations: provisioning ([`TopologySpec`]), DLQ count / peek / replay /
+//!   purge, consumer lag as [`Backlog`](postbox_core::Backlog), health.
 //!
 //! ```no_run
-//! use std::sync::Arc;
-//! use postbox_core::{handler_fn, Consumer, DeadLetterRouter, Envelope, Publisher};
-//! use postbox_kafka::{KafkaConfig, KafkaPublisher, KafkaSource, TopologySpec};
+//! use postbox_core::{
+//!     handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, Publisher, SubscribeOptions,
+//! };
+//! use postbox_kafka::{KafkaBroker, KafkaConfig, TopologySpec};
 //! # #[tokio::main] async fn main() -> Result<(), postbox_core::Error> {
-//! let config = KafkaConfig::from_env()?; // KAFKA_BOOTSTRAP_SERVERS
-//! let publisher = KafkaPublisher::new(&config)?;
-//! publisher.publish("orders", Envelope::new("order.placed", r#"{"id":1}"#)).await
-//!     .map_err(|e| e.error)?;
+//! let config = KafkaConfig::from_url("kafka://127.0.0.1:9092")?
+//!     .topology(TopologySpec::new(3, 1)); // what subscribe provisions
+//! let broker = KafkaBroker::connect(config).await?;
+//! broker.publish("orders", Envelope::new("order.placed", r#"{"id":1}"#)).await?;
 //!
-//! let source = KafkaSource::builder(&config, "orders", "billing")
-//!     .provision(TopologySpec::new(3, 1)) // topic, retry tiers, DLQ
-//!     .build()
-//!     .await?;
+//! // Topic, retry tiers and DLQ are created if missing; group "billing".
+//! let source = broker.subscribe("orders", SubscribeOptions::group("billing")).await?;
 //! let consumer = Consumer::builder(source, handler_fn(|env: Envelope| async move {
 //!         println!("got {}", env.id);
 //!         Ok(())
 //!     }))
 //!     .concurrency(8)
-//!     .dead_letter(DeadLetterRouter::new(Arc::new(publisher)))
+//!     .dead_letter(DeadLetterRouter::new(broker.clone()))
 //!     .build()?
 //!     .spawn();
-//! // … on SIGTERM:
+//! // … on SIGTERM: finishes in-flight work, commits, leaves the group.
 //! consumer.shutdown().await?;
+//! broker.close().await?;
 //! # Ok(()) }
 //! ```
 
-pub mod codec;
+mod broker;
+mod codec;
 mod config;
 mod consumer;
-pub mod error;
+mod error;
 mod ops;
 mod publisher;
 pub mod retry;
 mod topology;
 
+pub use broker::KafkaBroker;
+pub use codec::{CE_PREFIX, CONTENT_TYPE, DECODE_ERROR};
 pub use config::{KafkaConfig, BOOTSTRAP_ENV};
-pub use consumer::{KafkaDelivery, KafkaSource, KafkaSourceBuilder, StartPosition};
-pub use ops::{Health, KafkaOps, PartitionLag};
-pub use publisher::{KafkaPublisher, PRODUCER_DEFAULTS, SYSTEM};
+pub use consumer::{KafkaDelivery, KafkaSource};
+pub use publisher::{PRODUCER_DEFAULTS, SYSTEM};
 pub use retry::RetryTiers;
-pub use topology::{Topology, TopologySpec};
+pub use topology::TopologySpec;
 
 /// Re-export of the rdkafka crate, for its `ClientConfig` and native types.
 pub use rdkafka;

@@ -11,16 +11,16 @@
 //! * `peek` reads from the committed offsets without committing (manual
 //!   assignment, no group join);
 //! * `replay` reads from the committed offsets; a record that matches the
-//!   filter is published to its `dlq.origin` (id kept); one that does not is
+//!   filter is published to its origin topic (id kept); one that does not is
 //!   **re-appended** to the DLQ unchanged, so that committing past it does not
 //!   lose it; then the group commits past everything it looked at. It stops
 //!   at `limit` replayed records;
 //! * `purge` commits the group to the high watermarks.
 //!
-//! On tansu the "latest" offset is the base offset of the last *batch* + 1
-//! (BROKERS.md), so `count` undercounts when the DLQ was written in batches
-//! of several records; publish dead letters with `batch.num.messages=1` on
-//! tansu (a real Kafka broker and librdkafka's mock cluster are exact).
+//! On tansu the "latest" offset is the base offset of the last *batch* + 1,
+//! so `count` undercounts when the DLQ was written in batches of several
+//! records; publish dead letters with `batch.num.messages=1` on tansu (a
+//! real Kafka broker and librdkafka's mock cluster are exact).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use postbox_core::dlq::{prepare_replay, DeadLetterOps, ReplayFilter, ReplayReport};
-use postbox_core::{Envelope, Error, ErrorKind};
+use postbox_core::{Envelope, Error, ErrorKind, Health, PartitionLag};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -36,33 +36,11 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use crate::codec::{self, RecordRef};
 use crate::config::KafkaConfig;
 use crate::error::from_kafka;
-use crate::publisher::KafkaPublisher;
-
-/// Consumer lag of one partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PartitionLag {
-    /// The partition.
-    pub partition: i32,
-    /// The high watermark (offset of the next record to be written).
-    pub high_watermark: i64,
-    /// The group's committed offset, if it has one.
-    pub committed: Option<i64>,
-    /// high watermark − committed (or − low watermark without a commit).
-    pub lag: i64,
-}
-
-/// What the health check saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Health {
-    /// Brokers in the cluster metadata.
-    pub brokers: usize,
-    /// Topics in the cluster metadata.
-    pub topics: usize,
-}
+use crate::publisher::{KafkaPublisher, SYSTEM};
 
 /// DLQ operations, lag probes and the health check for one cluster.
 #[derive(Clone)]
-pub struct KafkaOps {
+pub(crate) struct KafkaOps {
     inner: Arc<Inner>,
 }
 
@@ -84,13 +62,8 @@ impl std::fmt::Debug for KafkaOps {
 type Range = (i32, i64, i64);
 
 impl KafkaOps {
-    /// Operations with their own publisher (for replays).
-    pub fn new(config: &KafkaConfig) -> Result<Self, Error> {
-        Self::with_publisher(config, KafkaPublisher::new(config)?)
-    }
-
     /// Operations that replay through `publisher`.
-    pub fn with_publisher(config: &KafkaConfig, publisher: KafkaPublisher) -> Result<Self, Error> {
+    pub(crate) fn new(config: &KafkaConfig, publisher: KafkaPublisher) -> Result<Self, Error> {
         let consumer = ops_consumer(config, &config.ops_group)?;
         Ok(KafkaOps {
             inner: Arc::new(Inner {
@@ -115,8 +88,9 @@ impl KafkaOps {
         .map_err(|e| Error::new(ErrorKind::Other, "an operations task failed").with_source(e))?
     }
 
-    /// Consumer lag of `group` on `topic`, per partition.
-    pub async fn lag(&self, topic: &str, group: &str) -> Result<Vec<PartitionLag>, Error> {
+    /// Consumer lag of `group` on `topic`, per partition (none when the
+    /// topic does not exist).
+    pub(crate) async fn lag(&self, topic: &str, group: &str) -> Result<Vec<PartitionLag>, Error> {
         let (topic, group) = (topic.to_string(), group.to_string());
         self.blocking(move |inner, _| {
             let c = ops_consumer(&inner.config, &group)?;
@@ -141,8 +115,9 @@ impl KafkaOps {
     }
 
     /// Checks broker connectivity (a metadata request).
-    pub async fn health(&self) -> Result<Health, Error> {
-        self.blocking(|inner, c| {
+    pub(crate) async fn health(&self) -> Result<Health, Error> {
+        let started = std::time::Instant::now();
+        self.blocking(move |inner, c| {
             let md = c.fetch_metadata(None, inner.timeout).map_err(|e| {
                 let mut err = from_kafka("the Kafka cluster is not reachable", e);
                 if !err.is_retryable() {
@@ -151,10 +126,12 @@ impl KafkaOps {
                 }
                 err
             })?;
-            Ok(Health {
-                brokers: md.brokers().len(),
-                topics: md.topics().len(),
-            })
+            let detail = format!(
+                "{} brokers, {} topics seen",
+                md.brokers().len(),
+                md.topics().len()
+            );
+            Ok(Health::new(SYSTEM, started.elapsed(), detail))
         })
         .await
     }

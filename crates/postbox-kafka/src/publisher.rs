@@ -1,6 +1,7 @@
 //! The Kafka publisher: idempotent producer, `acks=all`, resolves on the
 //! delivery report.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,8 @@ pub const SYSTEM: &str = "kafka";
 /// is durably written and never duplicated by producer retries.
 pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[("enable.idempotence", "true"), ("acks", "all")];
 
-/// Publishes envelopes to Kafka topics in CloudEvents binary mode.
+/// Publishes envelopes to Kafka topics in CloudEvents binary mode (the
+/// publishing half of [`KafkaBroker`](crate::KafkaBroker)).
 ///
 /// `publish` returns after the delivery report (`acks=all`, idempotent
 /// producer); `publish_batch` enqueues the whole batch first (pipelined,
@@ -34,7 +36,7 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[("enable.idempotence", "true"),
 /// The record's partition is chosen by librdkafka's partitioner from the
 /// record key, which is the envelope's partition key.
 #[derive(Clone)]
-pub struct KafkaPublisher {
+pub(crate) struct KafkaPublisher {
     inner: Arc<Inner>,
 }
 
@@ -42,6 +44,8 @@ struct Inner {
     producer: FutureProducer,
     max_bytes: usize,
     metrics: PublisherMetrics,
+    /// Set by [`KafkaPublisher::close`]: nothing is enqueued any more.
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for KafkaPublisher {
@@ -54,7 +58,7 @@ impl std::fmt::Debug for KafkaPublisher {
 
 impl KafkaPublisher {
     /// A publisher with its own producer.
-    pub fn new(config: &KafkaConfig) -> Result<Self, Error> {
+    pub(crate) fn new(config: &KafkaConfig) -> Result<Self, Error> {
         let native = config.with_defaults(PRODUCER_DEFAULTS);
         if native.get("acks").is_some_and(|a| a != "all" && a != "-1") {
             tracing::warn!("the producer is configured with a weaker `acks` than `all`: publish confirms are not durable");
@@ -67,26 +71,52 @@ impl KafkaPublisher {
                 producer,
                 max_bytes: config.max_message_bytes(),
                 metrics: PublisherMetrics::new(SYSTEM),
+                closed: AtomicBool::new(false),
             }),
         })
     }
 
-    /// The underlying producer (for flushing, transactions, statistics).
-    pub fn producer(&self) -> &FutureProducer {
+    /// The underlying producer.
+    pub(crate) fn producer(&self) -> &FutureProducer {
         &self.inner.producer
     }
 
     /// The size limit checked before sending (`message.max.bytes`).
-    pub fn max_message_bytes(&self) -> usize {
+    pub(crate) fn max_message_bytes(&self) -> usize {
         self.inner.max_bytes
     }
 
-    /// Waits until every queued record got its delivery report.
-    pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
-        self.inner
-            .producer
-            .flush(timeout)
-            .map_err(|e| from_kafka("flushing the producer failed", e))
+    /// Whether [`KafkaPublisher::close`] was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new records from now on, then waits (up to `timeout`) until
+    /// every record already queued got its delivery report. Asynchronous:
+    /// the producer's own thread serves the reports.
+    pub(crate) async fn close(&self, timeout: Duration) -> Result<(), Error> {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = self.inner.producer.in_flight_count();
+            if left <= 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("{left} records still had no delivery report when closing timed out ({timeout:?})"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn closed_error() -> Error {
+        Error::new(
+            ErrorKind::Closed,
+            "the Kafka broker handle is closed: nothing is published any more",
+        )
     }
 
     /// Encodes and enqueues one record (waiting while the local queue is full).
@@ -96,6 +126,9 @@ impl KafkaPublisher {
         env: &Envelope,
         retry: Option<&RetryInfo>,
     ) -> Result<DeliveryFuture, Error> {
+        if self.is_closed() {
+            return Err(Self::closed_error());
+        }
         let encoded = codec::encode(env, retry)?;
         if encoded.size > self.inner.max_bytes {
             return Err(Error::limit(Limit::BodySize {
@@ -183,6 +216,9 @@ impl KafkaPublisher {
         payload: Option<&[u8]>,
         headers: Option<OwnedHeaders>,
     ) -> Result<(), Error> {
+        if self.is_closed() {
+            return Err(Self::closed_error());
+        }
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
         if let Some(k) = key {
             record = record.key(k);

@@ -1,4 +1,8 @@
-//! Topic provisioning through the admin client (opt-in, idempotent).
+//! Topic provisioning through the admin client (idempotent).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use postbox_core::{Error, ErrorKind};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -6,10 +10,20 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
-use crate::error::kind_of_code;
+use crate::error::{from_kafka, kind_of_code};
 use crate::retry::{dlq_topic, RetryTiers};
 
-/// Partitions, replication and topic configs of the topics to create.
+/// What provisioning creates for a topic: the topic, its retry tier topics
+/// and its DLQ `<topic>.dlq`, with these partitions, replication and topic
+/// configs. Set on the configuration with
+/// [`KafkaConfig::topology`](crate::KafkaConfig::topology).
+///
+/// ```
+/// use postbox_kafka::{KafkaConfig, TopologySpec};
+/// let spec = TopologySpec::new(6, 3).config("retention.ms", "604800000");
+/// let config = KafkaConfig::new("127.0.0.1:9092").topology(spec);
+/// # let _ = config;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopologySpec {
     /// Partitions of the topic, its retry tiers and its DLQ.
@@ -25,7 +39,9 @@ pub struct TopologySpec {
 }
 
 impl TopologySpec {
-    /// `partitions` partitions, replication `replication`, retry tiers and DLQ.
+    /// `partitions` partitions, replication `replication`, retry tiers and
+    /// DLQ. `-1` for either takes the broker's `num.partitions` /
+    /// `default.replication.factor` (Kafka 2.4 and later).
     pub fn new(partitions: i32, replication: i32) -> Self {
         TopologySpec {
             partitions,
@@ -35,35 +51,38 @@ impl TopologySpec {
             dlq: true,
         }
     }
+
+    /// Adds a topic-level config (`retention.ms`, `min.insync.replicas`, …)
+    /// to every topic created.
+    pub fn config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.configs.push((key.into(), value.into()));
+        self
+    }
 }
 
 impl Default for TopologySpec {
-    /// One partition, replication 1, with retry tiers and DLQ.
+    /// The broker's default partitions and replication (`-1`, `-1`), with
+    /// retry tiers and DLQ.
     fn default() -> Self {
-        TopologySpec::new(1, 1)
+        TopologySpec::new(-1, -1)
     }
 }
 
-/// Creates topics (idempotent: existing topics are left as they are).
-pub struct Topology {
+/// The admin client: creates and deletes topics.
+pub(crate) struct Admin {
     admin: AdminClient<DefaultClientContext>,
     tiers: RetryTiers,
-    timeout: std::time::Duration,
+    timeout: Duration,
 }
 
-impl std::fmt::Debug for Topology {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Topology").finish_non_exhaustive()
-    }
-}
-
-impl Topology {
+impl Admin {
     /// An admin client for the configured cluster.
-    pub fn new(config: &KafkaConfig) -> Result<Self, Error> {
-        let admin = config.client_config().create().map_err(|e| {
-            crate::error::from_kafka("the Kafka admin client could not be created", e)
-        })?;
-        Ok(Topology {
+    pub(crate) fn new(config: &KafkaConfig) -> Result<Self, Error> {
+        let admin = config
+            .client_config()
+            .create()
+            .map_err(|e| from_kafka("the Kafka admin client could not be created", e))?;
+        Ok(Admin {
             admin,
             tiers: config.tiers.clone(),
             timeout: config.request_timeout,
@@ -71,7 +90,7 @@ impl Topology {
     }
 
     /// The names `topic` needs under `spec`: itself, its retry tiers, its DLQ.
-    pub fn topic_names(&self, topic: &str, spec: &TopologySpec) -> Vec<String> {
+    pub(crate) fn topic_names(&self, topic: &str, spec: &TopologySpec) -> Vec<String> {
         let mut names = vec![topic.to_string()];
         if spec.retry_tiers {
             names.extend(self.tiers.topics(topic));
@@ -82,19 +101,40 @@ impl Topology {
         names
     }
 
-    /// Creates `topic`, its retry tiers and its DLQ as `spec` says.
-    pub async fn ensure_consumer_topology(
-        &self,
-        topic: &str,
-        spec: &TopologySpec,
-    ) -> Result<(), Error> {
-        let names = self.topic_names(topic, spec);
-        self.ensure_topics(&names, spec).await
+    /// The topics of the cluster (a metadata request for all topics, which
+    /// never auto-creates one).
+    pub(crate) fn existing_topics(&self) -> Result<HashSet<String>, Error> {
+        let md = self
+            .admin
+            .inner()
+            .fetch_metadata(None, self.timeout)
+            .map_err(|e| from_kafka("fetching the cluster metadata failed", e))?;
+        Ok(md
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.name().to_string())
+            .collect())
     }
 
-    /// Creates the topics that do not exist yet.
-    pub async fn ensure_topics(&self, names: &[String], spec: &TopologySpec) -> Result<(), Error> {
-        let topics: Vec<NewTopic<'_>> = names
+    /// Creates those of `names` that do not exist yet. Existing topics are
+    /// left as they are, and when all exist no creation is asked for at all,
+    /// so a principal without the `CREATE` ACL can provision a topology that
+    /// operations created beforehand.
+    pub(crate) async fn ensure_topics(
+        self: &Arc<Self>,
+        names: &[String],
+        spec: &TopologySpec,
+    ) -> Result<(), Error> {
+        let admin = self.clone();
+        let existing = tokio::task::spawn_blocking(move || admin.existing_topics())
+            .await
+            .map_err(|e| Error::new(ErrorKind::Other, "a metadata task failed").with_source(e))??;
+        let missing: Vec<&String> = names.iter().filter(|n| !existing.contains(*n)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let topics: Vec<NewTopic<'_>> = missing
             .iter()
             .map(|n| {
                 spec.configs.iter().fold(
@@ -112,7 +152,7 @@ impl Topology {
             .admin
             .create_topics(&topics, &options)
             .await
-            .map_err(|e| crate::error::from_kafka("creating topics failed", e))?;
+            .map_err(|e| from_kafka("creating topics failed", e))?;
         for r in results {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -128,13 +168,13 @@ impl Topology {
     }
 
     /// Deletes topics (missing ones are ignored).
-    pub async fn delete_topics(&self, names: &[&str]) -> Result<(), Error> {
+    pub(crate) async fn delete_topics(&self, names: &[&str]) -> Result<(), Error> {
         let options = AdminOptions::new().operation_timeout(Some(self.timeout));
         let results = self
             .admin
             .delete_topics(names, &options)
             .await
-            .map_err(|e| crate::error::from_kafka("deleting topics failed", e))?;
+            .map_err(|e| from_kafka("deleting topics failed", e))?;
         for r in results {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}

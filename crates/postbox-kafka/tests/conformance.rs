@@ -1,7 +1,7 @@
-//! The postbox conformance suite against tansu (the Kafka-protocol broker
-//! `scripts/brokers.sh` runs; topics with 2 partitions so consumers of a
-//! group can split them, plus the ordering tests on 1 partition) and against
-//! librdkafka's in-process mock cluster.
+//! The postbox conformance suite through the `Broker` trait, against tansu
+//! (the Kafka-protocol broker `scripts/brokers.sh` runs; topics with 2
+//! partitions so consumers of a group can split them, plus the ordering tests
+//! on 1 partition) and against librdkafka's in-process mock cluster.
 //!
 //! Skips, by capability: on 2 partitions the two tests of *global* publish
 //! order (`ordered_next_waits_for_ack`, `per_key_order_is_kept`) — Kafka
@@ -10,10 +10,17 @@
 //! owner). `limits_are_typed_errors` runs (size limit = `message.max.bytes`).
 //! The mock cluster runs the full suite on 2 partitions and the ordering
 //! tests on 1.
+//!
+//! Each harness names its consumer groups uniquely (`<uuid>.<group>`): a
+//! Kafka group spans topics, so tests sharing a group name would rebalance
+//! each other. On tansu, sources close through `support::close_on_tansu`.
 
 mod support;
 
-use support::{tansu_or_skip, KafkaHarness};
+use postbox_core::SubscribeOptions;
+use postbox_kafka::KafkaBroker;
+use postbox_testkit::{env, BrokerHarness};
+use support::{testkit_capabilities, MockKafka, OnTansu};
 
 /// One `#[tokio::test]` per conformance test; the tansu variant prints a skip
 /// by name (or fails under `CI`/`POSTBOX_REQUIRE_BROKERS`) when the broker is
@@ -36,16 +43,58 @@ macro_rules! kafka_conformance {
     };
 }
 
-async fn tansu2(test: &'static str) -> Option<KafkaHarness> {
-    tansu_or_skip(test, 2).await
+/// Groups `<uuid>.<group>`: unique to this harness.
+fn unique_groups(harness: BrokerHarness) -> BrokerHarness {
+    let prefix = env::unique("g");
+    harness.options(move |group| SubscribeOptions::group(format!("{prefix}.{group}")))
 }
 
-async fn tansu1(test: &'static str) -> Option<KafkaHarness> {
-    tansu_or_skip(test, 1).await
+async fn tansu(test: &'static str, partitions: i32) -> Option<BrokerHarness> {
+    let kafka = support::tansu_or_skip(test, partitions).await?;
+    let caps = testkit_capabilities(&kafka.broker, partitions);
+    let name = if partitions == 1 {
+        "kafka-tansu-1p"
+    } else {
+        "kafka-tansu"
+    };
+    Some(unique_groups(BrokerHarness::new(
+        name,
+        OnTansu(kafka.broker),
+        caps,
+    )))
 }
 
-async fn mock2(_test: &'static str) -> Option<KafkaHarness> {
-    Some(KafkaHarness::mock(2))
+/// The mock cluster has no CreateTopics: a test's topology is created on the
+/// mock when the topic is named, and the broker's provisioning finds it.
+async fn mock(partitions: i32) -> Option<BrokerHarness> {
+    let kafka = support::mock(partitions, |c| c).await;
+    let caps = testkit_capabilities(&kafka.broker, partitions);
+    let mock: std::sync::Arc<MockKafka> = kafka.mock.expect("a mock cluster");
+    let broker: KafkaBroker = kafka.broker;
+    let naming = broker.clone();
+    let harness = BrokerHarness::new("kafka-mock", broker, caps).topics(move |test| {
+        let topic = env::unique(test);
+        mock.create_topology(&naming, &topic, partitions)
+            .expect("mock topics");
+        topic
+    });
+    Some(unique_groups(harness))
+}
+
+async fn tansu2(test: &'static str) -> Option<BrokerHarness> {
+    tansu(test, 2).await
+}
+
+async fn tansu1(test: &'static str) -> Option<BrokerHarness> {
+    tansu(test, 1).await
+}
+
+async fn mock2(_test: &'static str) -> Option<BrokerHarness> {
+    mock(2).await
+}
+
+async fn mock1(_test: &'static str) -> Option<BrokerHarness> {
+    mock(1).await
 }
 
 mod tansu {
@@ -61,10 +110,6 @@ mod tansu_single_partition {
         release_leads_to_redelivery,
         retry_after_delay_is_honoured,
     );
-}
-
-async fn mock1(_test: &'static str) -> Option<KafkaHarness> {
-    Some(KafkaHarness::mock(1))
 }
 
 mod mock_cluster_single_partition {

@@ -1,8 +1,9 @@
 //! Kafka-specific behaviour: offsets under concurrency, restarts, retry
-//! topics, dead letters, foreign records, limits (against tansu), a broker
-//! process cut off mid-stream (a tansu of the test's own behind a proxy), and
-//! failures injected on librdkafka's mock cluster (broker down, request
-//! errors, rebalance and outage mid-stream).
+//! topics, dead letters, foreign records, limits, closing (against tansu), a
+//! broker process cut off mid-stream (a tansu of the test's own behind a
+//! proxy), failures injected on librdkafka's mock cluster (broker down,
+//! request errors, rebalance and outage mid-stream), and the broker handle
+//! (capabilities, backlog, health, close, connect errors).
 
 mod support;
 
@@ -12,20 +13,20 @@ use std::time::{Duration, Instant, SystemTime};
 
 use postbox_core::dlq::DeadLetterMetadata;
 use postbox_core::{
-    Consumer, DeadLetterOps, DeadLetterRouter, Delivery, Envelope, ErrorKind, FailureReason, Limit,
-    Publisher, Retry, Source,
+    Broker, Consumer, DeadLetterOps, DeadLetterRouter, Delivery, Envelope, ErrorKind,
+    FailureReason, Limit, Publisher, Retry, Source, SubscribeOptions,
 };
 use postbox_kafka::rdkafka::message::{Header, OwnedHeaders};
 use postbox_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use postbox_kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use postbox_kafka::{KafkaConfig, KafkaDelivery, KafkaOps, KafkaPublisher, KafkaSource};
+use postbox_kafka::{KafkaBroker, KafkaConfig, KafkaDelivery, KafkaSource};
 use postbox_testkit::{Behaviour, HandlerSpy};
-use support::{tansu_or_skip, KafkaHarness, OwnTansu};
+use support::{close_on_tansu, tansu_or_skip, test_config, OwnTansu, TestKafka};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 fn topic(test: &str) -> String {
-    format!("{test}-{}", uuid::Uuid::now_v7().simple())
+    postbox_testkit::env::unique(test)
 }
 
 fn order(seq: usize, key: &str) -> Envelope {
@@ -45,18 +46,9 @@ async fn next(source: &mut KafkaSource) -> KafkaDelivery {
         .expect("no receive error")
 }
 
-async fn publish(h: &KafkaHarness, topic: &str, envs: &[Envelope]) {
-    let report = h.publisher.publish_batch(topic, envs.to_vec()).await;
+async fn publish(h: &TestKafka, topic: &str, envs: &[Envelope]) {
+    let report = h.broker.publish_batch(topic, envs.to_vec()).await;
     assert!(report.is_success(), "{report:?}");
-}
-
-async fn committed(h: &KafkaHarness, topic: &str, group: &str) -> Vec<Option<i64>> {
-    let lag = h
-        .ops
-        .lag(topic, &KafkaHarness::group_id(topic, group))
-        .await
-        .unwrap();
-    lag.iter().map(|p| p.committed).collect()
 }
 
 /// Acks out of order: the committed offset stops at the first unfinished one.
@@ -80,21 +72,23 @@ async fn watermark_commit_stops_at_the_first_unfinished_offset() {
     d2.ack().await.unwrap();
     d1.ack().await.unwrap();
     source.commit_now().unwrap();
-    assert_eq!(committed(&h, &t, "g").await, vec![Some(0)]);
+    assert_eq!(h.committed(&t, "g").await, vec![Some(0)]);
     d0.ack().await.unwrap();
     source.commit_now().unwrap();
-    assert_eq!(committed(&h, &t, "g").await, vec![Some(3)]);
-    let lag = h
-        .ops
-        .lag(&t, &KafkaHarness::group_id(&t, "g"))
+    assert_eq!(h.committed(&t, "g").await, vec![Some(3)]);
+    let backlog = h
+        .broker
+        .backlog(&t, Some(&TestKafka::group_id(&t, "g")))
         .await
         .unwrap();
-    assert_eq!(lag[0].lag, 0, "{lag:?}");
+    assert_eq!(backlog.waiting, 0, "{backlog:?}");
+    assert_eq!(backlog.partitions[0].lag, 0, "{backlog:?}");
+    close_on_tansu(source).await.unwrap();
 }
 
-/// A consumer that dies mid-batch (some deliveries never settled) and a new
-/// one: nothing is lost, and what was acked below the watermark is not
-/// delivered again.
+/// A consumer that dies mid-batch (some deliveries never settled, the source
+/// dropped without `close`: the safety net) and a new one: nothing is lost,
+/// and what was acked below the watermark is not delivered again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_without_loss_or_duplicates_of_acked_messages() {
     let Some(h) = tansu_or_skip(
@@ -123,7 +117,8 @@ async fn restart_resumes_without_loss_or_duplicates_of_acked_messages() {
             d.ack().await.unwrap();
         }
     }
-    // The crash: the in-flight deliveries are never settled.
+    // The crash: the in-flight deliveries are never settled, the source is
+    // not closed (its Drop still commits the watermark and leaves).
     unfinished.into_iter().for_each(std::mem::forget);
     drop(first);
     let mut second = h.source(&t, "g").await.unwrap();
@@ -137,6 +132,7 @@ async fn restart_resumes_without_loss_or_duplicates_of_acked_messages() {
     // Nothing else comes (0..=5 were committed).
     let more = tokio::time::timeout(Duration::from_millis(1500), second.next()).await;
     assert!(more.is_err(), "an acked message was delivered again");
+    close_on_tansu(second).await.unwrap();
 }
 
 /// A retry copy that is not due pauses its retry partition; the origin topic
@@ -198,8 +194,12 @@ async fn retry_topic_pauses_its_partition_until_due_while_others_flow() {
         Some(0),
         "the first consumed position is kept"
     );
-    assert_eq!(again.envelope().headers["retry.reason"], "handler-error");
+    assert_eq!(
+        again.envelope().headers[postbox_core::delivery::LAST_REASON],
+        "handler-error"
+    );
     again.ack().await.unwrap();
+    close_on_tansu(source).await.unwrap();
 }
 
 /// A dead letter keeps the partition key (record key) and carries the
@@ -217,18 +217,18 @@ async fn dead_letters_keep_the_key_and_carry_the_metadata() {
     let source = h.source(&t, "g").await.unwrap();
     let running = Consumer::builder(source, spy.clone())
         .name("billing")
-        .dead_letter(DeadLetterRouter::new(Arc::new(h.publisher.clone())))
+        .dead_letter(DeadLetterRouter::new(h.broker.clone()))
         .build()
         .unwrap()
         .spawn();
     let dlq = format!("{t}.dlq");
     let deadline = Instant::now() + WAIT;
-    while h.ops.count(&dlq).await.unwrap() < 1 {
+    while h.broker.count(&dlq).await.unwrap() < 1 {
         assert!(Instant::now() < deadline, "nothing dead-lettered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     running.shutdown().await.unwrap();
-    let dead = h.ops.peek(&dlq, 10).await.unwrap();
+    let dead = h.broker.peek(&dlq, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
     let env = &dead[0];
     assert_eq!(env.id, sent.id);
@@ -241,7 +241,7 @@ async fn dead_letters_keep_the_key_and_carry_the_metadata() {
     assert_eq!(m.consumer, "billing");
     assert_eq!(m.attempts, 1);
     // Peek did not consume.
-    assert_eq!(h.ops.count(&dlq).await.unwrap(), 1);
+    assert_eq!(h.broker.count(&dlq).await.unwrap(), 1);
 }
 
 /// Records without `ce_` headers are consumed with a synthesized envelope.
@@ -257,7 +257,7 @@ async fn foreign_records_are_consumed_with_a_synthesized_envelope() {
     };
     let t = topic("foreign");
     h.create(&t).await.unwrap();
-    let producer: FutureProducer = h.config.client_config().create().unwrap();
+    let producer: FutureProducer = h.broker.config().client_config().create().unwrap();
     let headers = OwnedHeaders::new().insert(Header {
         key: "x-trace",
         value: Some("abc"),
@@ -285,6 +285,7 @@ async fn foreign_records_are_consumed_with_a_synthesized_envelope() {
     assert_eq!(&env.payload[..], br#"{"legacy":true}"#);
     assert_eq!(env.attempt, 1);
     d.ack().await.unwrap();
+    close_on_tansu(source).await.unwrap();
 }
 
 /// Records larger than `message.max.bytes` fail before sending, typed, with
@@ -301,8 +302,9 @@ async fn oversized_records_fail_before_sending_with_a_typed_error() {
     };
     let t = topic("size");
     h.create(&t).await.unwrap();
-    let config = h.config.clone().set("message.max.bytes", "10000");
-    let publisher = KafkaPublisher::new(&config).unwrap();
+    let config = h.broker.config().clone().set("message.max.bytes", "10000");
+    let publisher = KafkaBroker::connect(config).await.unwrap();
+    assert_eq!(publisher.capabilities().max_message_bytes, Some(10_000));
     let big = Envelope::builder("big").payload(vec![1u8; 20_000]).build();
     let id = big.id.clone();
     let e = publisher.publish(&t, big).await.unwrap_err();
@@ -322,60 +324,92 @@ async fn oversized_records_fail_before_sending_with_a_typed_error() {
     assert_eq!(report.succeeded(), 4);
 }
 
-/// The health check and lag probe see the broker; an unreachable one is a
-/// retryable error.
+/// The health check and the backlog (lag per partition) see the broker; an
+/// unreachable cluster is a retryable error at connect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_lag() {
     let Some(h) = tansu_or_skip("health_and_lag", 2).await else {
         return;
     };
-    let health = h.ops.health().await.unwrap();
-    assert!(health.brokers >= 1);
+    let health = h.broker.health().await.unwrap();
+    assert_eq!(health.system, "kafka");
+    assert!(health.detail.contains("brokers"), "{health:?}");
     let t = topic("lag");
     h.create(&t).await.unwrap();
     let envs: Vec<Envelope> = (0..6).map(|i| order(i, &format!("k{i}"))).collect();
     publish(&h, &t, &envs).await;
-    let lag = h.ops.lag(&t, "nobody").await.unwrap();
-    assert_eq!(lag.len(), 2);
-    assert_eq!(lag.iter().map(|p| p.lag).sum::<i64>(), 6, "{lag:?}");
-    assert!(lag.iter().all(|p| p.committed.is_none()));
+    let backlog = h.broker.backlog(&t, Some("nobody")).await.unwrap();
+    assert_eq!(backlog.partitions.len(), 2);
+    assert_eq!(backlog.waiting, 6, "{backlog:?}");
+    assert!(backlog.partitions.iter().all(|p| p.committed.is_none()));
     let down = KafkaConfig::new("127.0.0.1:1").request_timeout(Duration::from_secs(2));
-    let ops = KafkaOps::new(&down).unwrap();
-    let e = ops.health().await.unwrap_err();
+    let e = KafkaBroker::connect(down).await.unwrap_err();
     assert!(e.is_retryable(), "{e:?}");
+}
+
+/// Closing a source commits what was processed (confirmed by the broker)
+/// and leaves the group: the next member starts after it, nothing is
+/// redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_close_commits_and_leaves_the_group() {
+    let Some(h) = tansu_or_skip("source_close_commits_and_leaves_the_group", 1).await else {
+        return;
+    };
+    let t = topic("close");
+    h.create(&t).await.unwrap();
+    publish(&h, &t, &(0..5).map(|i| order(i, "k")).collect::<Vec<_>>()).await;
+    let mut source = h.source(&t, "g").await.unwrap();
+    assert_eq!(source.rebalances(), 0, "assigned before polling");
+    for _ in 0..5 {
+        next(&mut source).await.ack().await.unwrap();
+    }
+    assert!(source.is_assigned());
+    assert!(source.rebalances() >= 1);
+    // No commit_now, and auto-commit has had no time: close commits.
+    source.close().await.unwrap();
+    assert_eq!(h.committed(&t, "g").await, vec![Some(5)]);
+    let after = order(5, "k");
+    publish(&h, &t, std::slice::from_ref(&after)).await;
+    let mut next_member = h.source(&t, "g").await.unwrap();
+    let d = next(&mut next_member).await;
+    assert_eq!(d.envelope().id, after.id, "an acked message came again");
+    d.ack().await.unwrap();
+    close_on_tansu(next_member).await.unwrap();
+    assert_eq!(h.committed(&t, "g").await, vec![Some(6)]);
 }
 
 // ---- librdkafka's mock cluster: fault injection ----
 
-fn mock_harness(partitions: i32, extra: &[(&str, &str)]) -> KafkaHarness {
-    let mut h = KafkaHarness::mock(partitions);
-    for (k, v) in extra {
-        h.config = h.config.clone().set(k, *v);
-    }
-    h.publisher = KafkaPublisher::new(&h.config).unwrap();
-    h
+async fn mock_harness(partitions: i32, extra: &[(&str, &str)]) -> TestKafka {
+    support::mock(partitions, |mut c| {
+        for (k, v) in extra {
+            c = c.set(k, *v);
+        }
+        c
+    })
+    .await
 }
 
 /// Broker down: the publish fails (retryable) and hands the envelope back;
 /// once the broker is back the same envelope publishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_hands_the_envelope_back() {
-    let h = mock_harness(1, &[("message.timeout.ms", "1500")]);
+    let h = mock_harness(1, &[("message.timeout.ms", "1500")]).await;
     let mock = h.mock.clone().unwrap();
     let t = topic("down");
     h.create(&t).await.unwrap();
-    h.publisher.publish(&t, order(0, "k")).await.unwrap();
+    h.broker.publish(&t, order(0, "k")).await.unwrap();
     mock.broker_down(1);
     let env = order(1, "k");
     let id = env.id.clone();
-    let e = h.publisher.publish(&t, env).await.unwrap_err();
+    let e = h.broker.publish(&t, env).await.unwrap_err();
     assert!(e.error.is_retryable(), "{:?}", e.error);
     assert_eq!(e.envelope.id, id);
     mock.broker_up(1);
     // The caller retries the handed-back envelope until the broker is back.
     let (_, mut env) = e.into_parts();
     let deadline = Instant::now() + WAIT;
-    while let Err(e) = h.publisher.publish(&t, env).await {
+    while let Err(e) = h.broker.publish(&t, env).await {
         assert!(e.error.is_retryable() && Instant::now() < deadline, "{e:?}");
         env = e.into_parts().1;
     }
@@ -390,7 +424,7 @@ async fn broker_down_hands_the_envelope_back() {
 /// Produce request errors are retried by the idempotent producer: one copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_request_errors_are_retried_without_duplicates() {
-    let h = mock_harness(1, &[]);
+    let h = mock_harness(1, &[]).await;
     let mock = h.mock.clone().unwrap();
     let t = topic("produce-errors");
     h.create(&t).await.unwrap();
@@ -399,7 +433,7 @@ async fn produce_request_errors_are_retried_without_duplicates() {
         vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 3],
     );
     let env = order(0, "k");
-    h.publisher.publish(&t, env.clone()).await.unwrap();
+    h.broker.publish(&t, env.clone()).await.unwrap();
     mock.clear(RDKafkaApiKey::Produce);
     let mut source = h.source(&t, "g").await.unwrap();
     let d = next(&mut source).await;
@@ -413,7 +447,7 @@ async fn produce_request_errors_are_retried_without_duplicates() {
 /// consumer gets the message again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_errors_leave_the_message_for_redelivery() {
-    let h = mock_harness(1, &[]);
+    let h = mock_harness(1, &[]).await;
     let mock = h.mock.clone().unwrap();
     let t = topic("commit-errors");
     h.create(&t).await.unwrap();
@@ -430,12 +464,14 @@ async fn commit_errors_leave_the_message_for_redelivery() {
         source.commit_now().is_err(),
         "the injected commit error was hidden"
     );
-    drop(source);
+    let closed = source.close().await;
+    assert!(closed.is_err(), "close hid the refused commit");
     mock.clear(RDKafkaApiKey::OffsetCommit);
     let mut again = h.source(&t, "g").await.unwrap();
     let d = next(&mut again).await;
     assert_eq!(d.envelope().id, env.id, "the uncommitted message was lost");
     d.ack().await.unwrap();
+    again.close().await.unwrap();
 }
 
 async fn wait_distinct(spy: &HandlerSpy, n: usize, timeout: Duration) {
@@ -445,11 +481,11 @@ async fn wait_distinct(spy: &HandlerSpy, n: usize, timeout: Duration) {
 /// A second consumer joins and leaves while 10,000 messages flow: nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_mid_stream_loses_nothing() {
-    let h = Arc::new(mock_harness(4, &[]));
+    let h = Arc::new(mock_harness(4, &[]).await);
     let t = topic("rebalance");
     h.create(&t).await.unwrap();
     let spy = HandlerSpy::new();
-    let router = DeadLetterRouter::new(Arc::new(h.publisher.clone()));
+    let router = DeadLetterRouter::new(h.broker.clone());
     let first = Consumer::builder(h.source(&t, "g").await.unwrap(), spy.clone())
         .concurrency(8)
         .dead_letter(router.clone())
@@ -494,7 +530,7 @@ async fn rebalance_mid_stream_loses_nothing() {
 /// half got through the outage, then that all 1,000 are handled. Returns the
 /// topic (the consumer group is `g`, closed by then).
 async fn outage_mid_stream(
-    h: &Arc<KafkaHarness>,
+    h: &Arc<TestKafka>,
     name: &str,
     lasts: Duration,
     down: impl FnOnce(),
@@ -505,7 +541,7 @@ async fn outage_mid_stream(
     let spy = HandlerSpy::new();
     let running = Consumer::builder(h.source(&t, "g").await.unwrap(), spy.clone())
         .concurrency(4)
-        .dead_letter(DeadLetterRouter::new(Arc::new(h.publisher.clone())))
+        .dead_letter(DeadLetterRouter::new(h.broker.clone()))
         .build()
         .unwrap()
         .spawn();
@@ -544,7 +580,7 @@ async fn outage_mid_stream(
 /// consumers resume, nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_mid_stream_loses_nothing() {
-    let h = Arc::new(mock_harness(2, &[]));
+    let h = Arc::new(mock_harness(2, &[]).await);
     let mock = h.mock.clone().unwrap();
     let (down, up) = (|| mock.broker_down(1), || mock.broker_up(1));
     outage_mid_stream(&h, "outage", Duration::from_secs(3), down, up).await;
@@ -560,16 +596,24 @@ async fn real_broker_cut_off_mid_stream_loses_nothing() {
     let Some(tansu) = OwnTansu::start("real_broker_cut_off_mid_stream_loses_nothing").await else {
         return;
     };
-    let h = Arc::new(KafkaHarness::tansu(&tansu.bootstrap(), 2));
+    let broker = KafkaBroker::connect(test_config(&tansu.bootstrap(), true, 2))
+        .await
+        .unwrap();
+    let h = Arc::new(TestKafka {
+        broker,
+        mock: None,
+        partitions: 2,
+    });
     let (cut, restore) = (|| tansu.proxy.cut(), || tansu.proxy.restore());
     // Longer than session.timeout.ms (6 s): the coordinator expires the member.
     let t = outage_mid_stream(&h, "cut-off", Duration::from_secs(8), cut, restore).await;
-    let lag = h
-        .ops
-        .lag(&t, &KafkaHarness::group_id(&t, "g"))
+    let backlog = h
+        .broker
+        .backlog(&t, Some(&TestKafka::group_id(&t, "g")))
         .await
         .unwrap();
-    assert!(lag.iter().all(|p| p.lag == 0), "{lag:?}");
+    assert_eq!(backlog.waiting, 0, "{backlog:?}");
+    assert!(backlog.partitions.iter().all(|p| p.lag == 0), "{backlog:?}");
 }
 
 /// A consumer joins while a message is in flight on the partition it takes:
@@ -609,27 +653,27 @@ async fn revoke_waits_for_in_flight_work_then_commits() {
         first_got.is_none(),
         "the first consumer got it again: {first_got:?}"
     );
-    drop(first);
-    drop(second);
-    assert_eq!(committed(&h, &t, "g").await, vec![Some(1)]);
+    close_on_tansu(first).await.unwrap();
+    close_on_tansu(second).await.unwrap();
+    assert_eq!(h.committed(&t, "g").await, vec![Some(1)]);
 }
 
 /// Work that outlives the revoke bound is abandoned uncommitted: the
 /// partition's next owner processes it again (nothing lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_abandons_work_past_the_bound_without_losing_it() {
-    let mut h = mock_harness(1, &[]);
-    h.config = h.config.clone().revoke_timeout(Duration::from_millis(500));
+    let h = support::mock(1, |c| c.revoke_timeout(Duration::from_millis(500))).await;
     let t = topic("abandon");
     h.create(&t).await.unwrap();
     let env = order(0, "k");
     publish(&h, &t, std::slice::from_ref(&env)).await;
     let mut first = h.source(&t, "g").await.unwrap();
     let d = next(&mut first).await;
-    // The first consumer keeps polling, then closes (still holding `d`).
+    // The first consumer keeps polling, then closes (still holding `d`;
+    // its close may see its commit refused while the mock's group joins).
     let polling = tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(4), first.next()).await;
-        drop(first);
+        let _closed = first.close().await;
     });
     let mut second = h.source(&t, "g").await.unwrap();
     let again = tokio::time::timeout(Duration::from_secs(20), second.next())
@@ -642,6 +686,97 @@ async fn revoke_abandons_work_past_the_bound_without_losing_it() {
     d.ack().await.unwrap();
     again.ack().await.unwrap();
     polling.await.unwrap();
+    second.close().await.unwrap();
+}
+
+/// The broker handle through the `Broker` trait: what it declares, the
+/// backlog of a group, typed refusals (no group, no topic, scheduled
+/// publishing), health, a redacted `Debug`, and close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_handle_declares_reports_refuses_and_closes() {
+    let h = mock_harness(2, &[("sasl.password", "hunter2")]).await;
+    assert!(!format!("{:?}", h.broker).contains("hunter2"));
+    let broker: &dyn Broker = &h.broker;
+    assert_eq!(broker.system(), "kafka");
+    let caps = broker.capabilities();
+    assert!(caps.group_fan_out && caps.ordered && caps.redelivery_on_close && caps.backlog);
+    assert_eq!(caps.scheduled_publish, None);
+    assert_eq!(caps.max_message_bytes, Some(1_000_000));
+    let health = broker.health().await.unwrap();
+    assert_eq!(health.system, "kafka");
+    assert!(health.detail.contains("1 brokers"), "{health:?}");
+
+    let t = topic("handle");
+    h.create(&t).await.unwrap();
+    // Every topic exists (created on the mock): provisioning asks for none.
+    broker
+        .provision(&t, &SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let envs: Vec<Envelope> = (0..3).map(|i| order(i, &format!("k{i}"))).collect();
+    publish(&h, &t, &envs).await;
+    let backlog = broker.backlog(&t, Some("nobody")).await.unwrap();
+    assert_eq!(backlog.waiting, 3, "{backlog:?}");
+    assert_eq!(backlog.partitions.len(), 2);
+    let e = broker.backlog(&t, None).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Config, "{e}");
+    let e = broker
+        .backlog(&topic("missing"), Some("g"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}");
+    let Err(e) = broker.subscribe(&t, SubscribeOptions::new()).await else {
+        panic!("subscribed without a group");
+    };
+    assert_eq!(e.kind(), &ErrorKind::Config, "{e}");
+    assert!(e.message().contains("consumer group"), "{e}");
+    let delayed = order(9, "k");
+    let e = broker
+        .publish_delayed(&t, delayed.clone(), Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.error.kind(), &ErrorKind::Unsupported, "{}", e.error);
+    assert_eq!(e.envelope.id, delayed.id, "the envelope is handed back");
+
+    let group = TestKafka::group_id(&t, "g");
+    let mut source = broker
+        .subscribe(&t, SubscribeOptions::group(&*group))
+        .await
+        .unwrap();
+    let mut got = BTreeSet::new();
+    while got.len() < envs.len() {
+        let d = tokio::time::timeout(WAIT, source.next())
+            .await
+            .expect("a delivery")
+            .unwrap()
+            .unwrap();
+        got.insert(d.envelope().id.to_string());
+        d.ack().await.unwrap();
+    }
+    source.close().await.unwrap();
+    assert_eq!(broker.backlog(&t, Some(&group)).await.unwrap().waiting, 0);
+
+    broker.close().await.unwrap();
+    let after = order(10, "k");
+    let e = broker.publish(&t, after.clone()).await.unwrap_err();
+    assert_eq!(e.error.kind(), &ErrorKind::Closed, "{}", e.error);
+    assert_eq!(e.envelope.id, after.id);
+    let e = broker.health().await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Closed, "{e}");
+    let Err(e) = broker.subscribe(&t, SubscribeOptions::group("late")).await else {
+        panic!("subscribed after close");
+    };
+    assert_eq!(e.kind(), &ErrorKind::Closed, "{e}");
+}
+
+/// An unknown librdkafka property in the URL is refused when the clients
+/// are created: a typed configuration error naming it.
+#[tokio::test]
+async fn unknown_properties_fail_connect_with_a_config_error() {
+    let config = KafkaConfig::from_url("kafka://127.0.0.1:1?no.such.property=1").unwrap();
+    let e = KafkaBroker::connect(config).await.unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::Config, "{e}");
+    assert!(e.message().contains("no.such.property"), "{e}");
 }
 
 const KILL_CHILD_TOPIC: &str = "POSTBOX_KAFKA_KILL_CHILD_TOPIC";
@@ -651,8 +786,12 @@ const KILL_CHILD_TOPIC: &str = "POSTBOX_KAFKA_KILL_CHILD_TOPIC";
 /// final commit; only auto-commits of stored offsets happened).
 async fn killed_child(topic: String) -> ! {
     use std::io::Write as _;
-    let mut h = KafkaHarness::tansu(&support::bootstrap(), 2);
-    h.config = h.config.clone().set("auto.commit.interval.ms", "100");
+    let config = test_config(&support::bootstrap(), true, 2).set("auto.commit.interval.ms", "100");
+    let h = TestKafka {
+        broker: KafkaBroker::connect(config).await.unwrap(),
+        mock: None,
+        partitions: 2,
+    };
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = done.clone();
     let handler = postbox_core::handler_fn(move |env: Envelope| {
@@ -668,7 +807,7 @@ async fn killed_child(topic: String) -> ! {
     });
     let _running = Consumer::builder(h.source(&topic, "g").await.unwrap(), handler)
         .concurrency(4)
-        .dead_letter(DeadLetterRouter::new(Arc::new(h.publisher.clone())))
+        .dead_letter(DeadLetterRouter::new(h.broker.clone()))
         .build()
         .unwrap()
         .spawn();
@@ -723,7 +862,7 @@ async fn consumer_process_killed_mid_batch_loses_nothing() {
     let spy = HandlerSpy::new();
     let running = Consumer::builder(h.source(&t, "g").await.unwrap(), spy.clone())
         .concurrency(4)
-        .dead_letter(DeadLetterRouter::new(Arc::new(h.publisher.clone())))
+        .dead_letter(DeadLetterRouter::new(h.broker.clone()))
         .build()
         .unwrap()
         .spawn();

@@ -47,8 +47,7 @@ use std::time::{Duration, Instant};
 use common::{broker_unreachable, connect, count, drop_schema, exec, Counting, Effect};
 use postbox_core::{BoxSource, Envelope, Error, ErrorKind, PublishError, Publisher};
 use postbox_postgres::{Outbox, Postgres, SentRows};
-use postbox_sqs::aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
-use postbox_sqs::{QueueSpec, SqsBroker};
+use postbox_sqs::{QueueSpec, SqsBroker, SqsConfig};
 
 const ORDERS: usize = 20_000;
 const CUSTOMERS: usize = 64;
@@ -207,32 +206,22 @@ fn credentials() -> (String, String) {
     )
 }
 
-/// A broker on the emulator (SNS is unused but part of the handle).
-fn sqs_broker() -> SqsBroker {
+/// The emulator, with short time-outs, and the consumer's settings: 8
+/// receivers, 1 s long polls, the short visibility timeout, a buffer of 80.
+fn sqs_config() -> Result<SqsConfig, Error> {
     let (key, secret) = credentials();
-    let creds = Credentials::new(key, secret, None, None, "postbox-postgres-tests");
-    let timeouts = postbox_sqs::aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .operation_timeout(Duration::from_secs(40))
-        .build();
-    let sqs = postbox_sqs::aws_sdk_sqs::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(region()))
-        .endpoint_url(endpoint())
-        .credentials_provider(creds.clone())
-        .timeout_config(timeouts.clone())
-        .build();
-    let sns = postbox_sqs::aws_sdk_sns::Config::builder()
-        .behavior_version(postbox_sqs::aws_sdk_sns::config::BehaviorVersion::latest())
-        .region(postbox_sqs::aws_sdk_sns::config::Region::new(region()))
-        .endpoint_url(endpoint())
-        .credentials_provider(creds)
-        .timeout_config(timeouts)
-        .build();
-    SqsBroker::new(
-        postbox_sqs::aws_sdk_sqs::Client::from_conf(sqs),
-        postbox_sqs::aws_sdk_sns::Client::from_conf(sns),
-    )
+    Ok(SqsConfig::from_url(&format!(
+        "sqs://?endpoint={}&region={}",
+        endpoint(),
+        region()
+    ))?
+    .credentials(key, secret)
+    .connect_timeout(Duration::from_secs(2))
+    .operation_timeout(Duration::from_secs(40))
+    .receivers(8)
+    .wait_time(Duration::from_secs(1))
+    .visibility_timeout(VISIBILITY)
+    .buffer(80))
 }
 
 // ---------------------------------------------------------------------------
@@ -635,7 +624,8 @@ impl Drop for ConsumerProcess {
 /// timeout and its DLQ.
 mod sqs {
     use super::*;
-    use postbox_sqs::ConsumerOptions;
+    use postbox_core::Broker as _;
+    use postbox_core::SubscribeOptions;
 
     pub(super) struct Sqs(SqsBroker);
 
@@ -643,7 +633,7 @@ mod sqs {
         const KIND: Kind = Kind::Sqs;
 
         async fn connect(_queue: &str) -> Result<Self, Error> {
-            let broker = sqs_broker();
+            let broker = SqsBroker::connect(sqs_config()?).await?;
             broker.health().await?;
             Ok(Sqs(broker))
         }
@@ -661,20 +651,19 @@ mod sqs {
         }
 
         async fn subscribe(&self, queue: &str) -> Result<(BoxSource, Arc<dyn Publisher>), Error> {
-            let options = ConsumerOptions::default()
-                .receivers(8)
-                .batch_size(10)
-                .wait_time(Duration::from_secs(1))
-                .visibility_timeout(VISIBILITY)
-                .buffer(80);
-            let source = self.0.subscribe_with(queue, options).await?;
-            Ok((Box::new(source), Arc::new(self.0.clone())))
+            // Declared by `declare` (provisioning would reset its attributes).
+            let options = SubscribeOptions::new().prefetch(10).provision(false);
+            let source = self.0.subscribe(queue, options).await?;
+            Ok((source, Arc::new(self.0.clone())))
         }
 
         /// Pending = visible + in flight + delayed.
         async fn left(&self, queue: &str) -> Result<Left, Error> {
-            let depth = self.0.depth(queue).await?;
-            let dlq = self.0.dlq_depth(queue).await?;
+            let depth = self.0.backlog(queue, None).await?;
+            let dlq = self
+                .0
+                .backlog(&postbox_core::dlq::default_destination(queue), None)
+                .await?;
             Ok(Left {
                 pending: depth.total(),
                 dead: dlq.total(),
@@ -696,11 +685,9 @@ mod sqs {
 /// its retry tier topics and DLQ, consumed by the group named like the topic.
 mod kafka {
     use super::*;
-    use postbox_core::DeadLetterOps as _;
+    use postbox_core::{Broker as _, DeadLetterOps as _, SubscribeOptions};
     use postbox_kafka::retry::dlq_topic;
-    use postbox_kafka::{
-        KafkaConfig, KafkaOps, KafkaPublisher, KafkaSource, RetryTiers, Topology, TopologySpec,
-    };
+    use postbox_kafka::{KafkaBroker, KafkaConfig, RetryTiers, TopologySpec};
 
     /// Partitions of the topic (the records of one key stay in one).
     const PARTITIONS: i32 = 4;
@@ -749,57 +736,46 @@ mod kafka {
         TopologySpec::new(PARTITIONS, 1)
     }
 
-    pub(super) struct Kafka {
-        publisher: KafkaPublisher,
-        ops: KafkaOps,
-        admin: Topology,
-    }
+    /// One handle with the consumer settings (the producer ignores them).
+    pub(super) struct Kafka(KafkaBroker);
 
     impl Broker for Kafka {
         const KIND: Kind = Kind::Kafka;
 
         async fn connect(_topic: &str) -> Result<Self, Error> {
-            let config = config();
-            let publisher = KafkaPublisher::new(&config)?;
-            let ops = KafkaOps::with_publisher(&config, publisher.clone())?;
-            ops.health().await?;
-            let admin = Topology::new(&config)?;
-            Ok(Kafka {
-                publisher,
-                ops,
-                admin,
-            })
+            KafkaBroker::connect(consumer_config().topology(spec()))
+                .await
+                .map(Kafka)
         }
 
         async fn declare(&self, topic: &str) -> Result<(), Error> {
-            self.admin.ensure_consumer_topology(topic, &spec()).await
+            self.0
+                .provision(topic, &SubscribeOptions::group(topic))
+                .await
         }
 
         fn relay_publisher(&self, _topic: &str) -> Arc<dyn Publisher> {
-            Arc::new(self.publisher.clone())
+            Arc::new(self.0.clone())
         }
 
         /// The group is named like the topic.
         async fn subscribe(&self, topic: &str) -> Result<(BoxSource, Arc<dyn Publisher>), Error> {
-            let source = KafkaSource::builder(&consumer_config(), topic, topic)
-                .publisher(self.publisher.clone())
-                .build()
-                .await?;
-            Ok((Box::new(source), Arc::new(self.publisher.clone())))
+            let options = SubscribeOptions::group(topic).provision(false);
+            let source = self.0.subscribe(topic, options).await?;
+            Ok((source, Arc::new(self.0.clone())))
         }
 
         /// Pending = the group's lag on the topic and its retry tiers.
         async fn left(&self, topic: &str) -> Result<Left, Error> {
             let (mut pending, mut detail) = (0, Vec::new());
             for t in std::iter::once(topic.to_string()).chain(tiers().topics(topic)) {
-                let lag = self.ops.lag(&t, topic).await?;
-                let records: i64 = lag.iter().map(|p| p.high_watermark).sum();
-                let behind: i64 = lag.iter().map(|p| p.lag).sum();
-                pending += u64::try_from(behind).unwrap_or(0);
-                detail.push(format!("{t}: {records} records, lag {behind}"));
+                let backlog = self.0.backlog(&t, Some(topic)).await?;
+                let records: i64 = backlog.partitions.iter().map(|p| p.high_watermark).sum();
+                pending += backlog.waiting;
+                detail.push(format!("{t}: {records} records, lag {}", backlog.waiting));
             }
             let dlq = dlq_topic(topic);
-            let dead = self.ops.count(&dlq).await?;
+            let dead = self.0.count(&dlq).await?;
             detail.push(format!("{dlq}: {dead}"));
             Ok(Left {
                 pending,
@@ -809,9 +785,9 @@ mod kafka {
         }
 
         async fn cleanup(&self, topic: &str) {
-            let names = self.admin.topic_names(topic, &spec());
+            let names = self.0.topic_names(topic);
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let _ = self.admin.delete_topics(&names).await;
+            let _ = self.0.delete_topics(&names).await;
         }
     }
 }
@@ -820,8 +796,8 @@ mod kafka {
 /// exchange of the test's own, so what waits in them counts as left.
 mod rabbitmq {
     use super::*;
-    use postbox_rabbitmq::topology::tier_queue;
-    use postbox_rabbitmq::{RabbitConfig, RabbitMq, SubscribeOptions, Topology};
+    use postbox_core::{DeadLetterOps, SubscribeOptions};
+    use postbox_rabbitmq::{RabbitBroker, RabbitConfig, Topology};
 
     /// Unacked deliveries a consumer process holds (what a kill gives back).
     const PREFETCH: u16 = 100;
@@ -841,15 +817,15 @@ mod rabbitmq {
         format!("{queue}.delay")
     }
 
-    fn tier_queues(queue: &str) -> Vec<String> {
-        let exchange = delay_exchange(queue);
-        TIERS
-            .iter()
-            .map(|&ms| tier_queue(&exchange, Duration::from_millis(ms)))
-            .collect()
-    }
+    pub(super) struct Rabbit(RabbitBroker);
 
-    pub(super) struct Rabbit(RabbitMq);
+    impl Rabbit {
+        /// Ready messages of `queue`.
+        async fn ready(&self, queue: &str) -> Result<u64, Error> {
+            let backlog = postbox_core::Broker::backlog(&self.0, queue, None).await?;
+            Ok(backlog.waiting)
+        }
+    }
 
     impl Broker for Rabbit {
         const KIND: Kind = Kind::RabbitMq;
@@ -859,7 +835,7 @@ mod rabbitmq {
                 .connect_timeout(Duration::from_secs(5))
                 .delay_exchange(delay_exchange(queue))
                 .delay_tiers(TIERS.map(Duration::from_millis));
-            RabbitMq::connect(config).await.map(Rabbit)
+            RabbitBroker::connect(config).await.map(Rabbit)
         }
 
         async fn declare(&self, queue: &str) -> Result<(), Error> {
@@ -875,20 +851,24 @@ mod rabbitmq {
         }
 
         async fn subscribe(&self, queue: &str) -> Result<(BoxSource, Arc<dyn Publisher>), Error> {
-            let options = SubscribeOptions::new().prefetch(PREFETCH);
-            let source = self.0.subscribe(queue, options).await?;
-            Ok((Box::new(source), Arc::new(self.0.clone())))
+            // Declared by `declare` (with a delivery limit of its own).
+            let options = SubscribeOptions::new().prefetch(PREFETCH).provision(false);
+            let source = postbox_core::Broker::subscribe(&self.0, queue, options).await?;
+            Ok((source, Arc::new(self.0.clone())))
         }
 
         /// Pending = ready on the queue + waiting in the delay tiers (unacked
         /// ones count once their consumer is gone: see `released`).
         async fn left(&self, queue: &str) -> Result<Left, Error> {
-            let ready = self.0.queue_depth(queue).await?.messages;
+            let ready = self.ready(queue).await?;
             let mut delayed = 0;
-            for tier in tier_queues(queue) {
-                delayed += self.0.queue_depth(&tier).await?.messages;
+            for tier in self.0.config().delay_queues() {
+                delayed += self.ready(&tier).await?;
             }
-            let dead = self.0.dlq_depth(queue).await?;
+            let dead = self
+                .0
+                .count(&postbox_core::dlq::default_destination(queue))
+                .await?;
             Ok(Left {
                 pending: ready + delayed,
                 dead,
@@ -899,8 +879,8 @@ mod rabbitmq {
         async fn released(&self, queue: &str) {
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
-                match self.0.queue_depth(queue).await {
-                    Ok(d) if d.consumers == 0 => return,
+                match postbox_core::Broker::backlog(&self.0, queue, None).await {
+                    Ok(b) if b.consumers == Some(0) => return,
                     _ => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
@@ -911,7 +891,7 @@ mod rabbitmq {
             let dlq = postbox_core::dlq::default_destination(queue);
             for q in [queue.to_string(), dlq]
                 .into_iter()
-                .chain(tier_queues(queue))
+                .chain(self.0.config().delay_queues())
             {
                 let _ = self.0.delete_queue(&q).await;
             }
@@ -928,6 +908,7 @@ mod rabbitmq {
                 connection.close(200, "done".into()).await
             };
             let _ = deleted.await;
+            let _ = postbox_core::Broker::close(&self.0).await;
         }
     }
 }

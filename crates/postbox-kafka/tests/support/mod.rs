@@ -1,72 +1,29 @@
-//! Test support: broker reachability (skip or fail), the conformance
-//! harness for tansu and for librdkafka's mock cluster.
+//! Test support: the test clients' settings, tansu and librdkafka's mock
+//! cluster as brokers under test, the tansu close ordering, a proxy that
+//! cuts a broker off, and a tansu of a test's own.
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use postbox_core::{BoxSource, DeadLetterOps, Error, Publisher};
-use postbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+use postbox_core::dlq::{ReplayFilter, ReplayReport};
+use postbox_core::{
+    Backlog, BatchReport, BoxSource, Broker, Capabilities, DeadLetterOps, Envelope, Error, Health,
+    PublishError, Publisher, Source, SubscribeOptions,
+};
 use postbox_kafka::rdkafka::mocking::MockCluster;
 use postbox_kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use postbox_kafka::{
-    KafkaConfig, KafkaOps, KafkaPublisher, KafkaSource, RetryTiers, Topology, TopologySpec,
+    KafkaBroker, KafkaConfig, KafkaDelivery, KafkaSource, RetryTiers, TopologySpec, BOOTSTRAP_ENV,
 };
-use postbox_testkit::{Capabilities, Harness};
+use postbox_testkit::env;
 
 /// `KAFKA_BOOTSTRAP_SERVERS`, default `127.0.0.1:9092`.
 pub fn bootstrap() -> String {
-    std::env::var("KAFKA_BOOTSTRAP_SERVERS")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "127.0.0.1:9092".to_string())
-}
-
-/// Whether an unreachable broker must fail the run.
-pub fn brokers_required() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("POSTBOX_REQUIRE_BROKERS").is_ok_and(|v| v == "1")
-}
-
-/// Fails (brokers required) or prints a skip by name.
-pub fn unreachable(test: &str, broker: &str, why: impl std::fmt::Display) {
-    if brokers_required() {
-        panic!("{test}: {broker} is unreachable: {why} (start it with `scripts/brokers.sh up`)");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "{test}: SKIPPED ({broker} unreachable: {why}; run `scripts/brokers.sh up`, or `scripts/test.sh`)"
-    );
-}
-
-/// Whether the Kafka broker at `bootstrap` answers a metadata request.
-pub fn reachable(bootstrap: &str) -> Result<(), String> {
-    let c: BaseConsumer = KafkaConfig::new(bootstrap)
-        .client_config()
-        .create()
-        .map_err(|e| e.to_string())?;
-    c.fetch_metadata(None, Duration::from_secs(5))
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-/// A tansu harness, or `None` (skip printed) when the broker is unreachable.
-pub async fn tansu_or_skip(test: &str, partitions: i32) -> Option<KafkaHarness> {
-    let b = bootstrap();
-    let b2 = b.clone();
-    match tokio::task::spawn_blocking(move || reachable(&b2))
-        .await
-        .unwrap()
-    {
-        Ok(()) => Some(KafkaHarness::tansu(&b, partitions)),
-        Err(e) => {
-            unreachable(test, &format!("Kafka (tansu) at {b}"), e);
-            None
-        }
-    }
+    env::var_or(BOOTSTRAP_ENV, "127.0.0.1:9092")
 }
 
 /// Retry tiers small enough for tests.
@@ -74,30 +31,286 @@ pub fn test_tiers() -> RetryTiers {
     RetryTiers::new([Duration::from_secs(1), Duration::from_secs(10)])
 }
 
-/// Client settings for tests: quick group joins and fetches. On tansu,
-/// `batch.num.messages=1` keeps its "latest offset" exact (BROKERS.md).
-pub fn test_config(bootstrap: &str, tansu: bool) -> KafkaConfig {
+/// How often test members heartbeat (`heartbeat.interval.ms`).
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// Client settings for tests: topics of `partitions` partitions, quick group
+/// joins and fetches. On tansu, `batch.num.messages=1` keeps its "latest
+/// offset" exact (it is the last batch's base offset + 1).
+pub fn test_config(bootstrap: &str, tansu: bool, partitions: i32) -> KafkaConfig {
     let mut c = KafkaConfig::new(bootstrap)
         .retry_tiers(test_tiers())
+        .topology(TopologySpec::new(partitions, 1))
+        .revoke_timeout(Duration::from_secs(5))
         .set("linger.ms", "1")
-        .revoke_timeout(Duration::from_secs(5));
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", HEARTBEAT.as_millis().to_string())
+        // Bounds how long a rebalance waits for a member that left mid-join
+        // (the JoinGroup rebalance time-out).
+        .set("max.poll.interval.ms", "10000")
+        .set("fetch.wait.max.ms", "100")
+        .set("fetch.queue.backoff.ms", "10");
     if tansu {
         c = c.set("batch.num.messages", "1");
     }
     c
 }
 
-/// Consumer settings added at subscribe time.
-pub fn consumer_config(config: &KafkaConfig) -> KafkaConfig {
-    config
-        .clone()
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
-        // Bounds how long a rebalance waits for a member that left mid-join
-        // (the JoinGroup rebalance time-out).
-        .set("max.poll.interval.ms", "10000")
-        .set("fetch.wait.max.ms", "100")
-        .set("fetch.queue.backoff.ms", "10")
+/// A broker on the shared tansu, or `None` (skip printed; a failure under
+/// `CI`/`POSTBOX_REQUIRE_BROKERS`) when it is unreachable.
+pub async fn tansu_or_skip(test: &str, partitions: i32) -> Option<TestKafka> {
+    let b = bootstrap();
+    let connect = KafkaBroker::connect(test_config(&b, true, partitions));
+    let broker = env::connect_or_skip(test, &format!("Kafka (tansu) at {b}"), connect).await?;
+    Some(TestKafka {
+        broker,
+        mock: None,
+        partitions,
+    })
+}
+
+/// A broker on a fresh in-process mock cluster of one broker, with the test
+/// settings changed by `adjust`.
+pub async fn mock(partitions: i32, adjust: impl FnOnce(KafkaConfig) -> KafkaConfig) -> TestKafka {
+    let mock = Arc::new(MockKafka::start(1));
+    let config = adjust(test_config(&mock.bootstrap, false, partitions));
+    let broker = KafkaBroker::connect(config).await.expect("mock cluster");
+    TestKafka {
+        broker,
+        mock: Some(mock),
+        partitions,
+    }
+}
+
+/// A broker under test, with its mock cluster when it runs on one.
+pub struct TestKafka {
+    pub broker: KafkaBroker,
+    pub mock: Option<Arc<MockKafka>>,
+    pub partitions: i32,
+}
+
+impl TestKafka {
+    /// The consumer group id of `group` on `topic`.
+    pub fn group_id(topic: &str, group: &str) -> String {
+        format!("{topic}.{group}")
+    }
+
+    /// Creates the topic, its retry tiers and DLQ (on the mock cluster
+    /// through the mock: it has no CreateTopics).
+    pub async fn create(&self, topic: &str) -> Result<(), Error> {
+        match &self.mock {
+            Some(mock) => mock.create_topology(&self.broker, topic, self.partitions),
+            None => {
+                self.broker
+                    .provision(topic, &SubscribeOptions::group("any"))
+                    .await
+            }
+        }
+    }
+
+    /// A source of group `<topic>.<group>` (the topology is created by
+    /// [`TestKafka::create`]).
+    pub async fn source(&self, topic: &str, group: &str) -> Result<KafkaSource, Error> {
+        let options = SubscribeOptions::group(Self::group_id(topic, group)).provision(false);
+        self.broker.source(topic, options).await
+    }
+
+    /// The committed offset of each partition of `topic` for `group`.
+    pub async fn committed(&self, topic: &str, group: &str) -> Vec<Option<i64>> {
+        let backlog = self
+            .broker
+            .backlog(topic, Some(&Self::group_id(topic, group)))
+            .await
+            .unwrap();
+        backlog.partitions.iter().map(|p| p.committed).collect()
+    }
+}
+
+/// The testkit capabilities of a broker on topics of `partitions`
+/// partitions: global publish order needs a single partition, competing
+/// consumers at least two.
+pub fn testkit_capabilities(
+    broker: &KafkaBroker,
+    partitions: i32,
+) -> postbox_testkit::Capabilities {
+    let declared = broker.capabilities();
+    let mut caps = postbox_testkit::Capabilities::all(Duration::from_millis(1500));
+    caps.fan_out = declared.group_fan_out;
+    caps.redelivery_on_close = declared.redelivery_on_close;
+    caps.ordered = declared.ordered && partitions == 1;
+    caps.competing_consumers = partitions > 1;
+    caps.size_limit = declared.max_message_bytes;
+    caps.header_limit = declared.max_headers;
+    caps
+}
+
+/// How long a source closed before its first assignment keeps taking part
+/// in its group before it leaves anyway.
+const JOIN_BEFORE_LEAVE: Duration = Duration::from_secs(30);
+
+/// Taken by a source closed before its first assignment while it waits for
+/// its group to be steady and leaves: one such leave at a time per process.
+static LEAVE_TURN: AtomicBool = AtomicBool::new(false);
+
+struct LeaveTurn;
+
+impl LeaveTurn {
+    fn try_take() -> Option<LeaveTurn> {
+        LEAVE_TURN
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| LeaveTurn)
+    }
+}
+
+impl Drop for LeaveTurn {
+    fn drop(&mut self) {
+        LEAVE_TURN.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Closes a source the way tansu needs. tansu's group coordinator mishandles
+/// a member that leaves in the middle of its first join, or while the group
+/// rebalances: it keeps the departed member as the leader of a generation
+/// that never syncs, and the group's remaining members never get a partition
+/// (a real Kafka coordinator removes the member and completes the
+/// rebalance). So a source closed before its first assignment first finishes
+/// its join, takes this process's turn, waits until no rebalance event came
+/// for two heartbeats (what it takes to notice one that the previous leave
+/// started) while it holds an assignment, and only then closes; all within
+/// [`JOIN_BEFORE_LEAVE`]. Meanwhile it polls the native consumer (a member
+/// that does not poll holds its group's rebalances up): the records read
+/// that way are not tracked, so never committed, and the next owner reads
+/// them.
+pub async fn close_on_tansu(source: KafkaSource) -> Result<(), Error> {
+    if source.rebalances() > 0 {
+        return source.close().await;
+    }
+    let deadline = tokio::time::Instant::now() + JOIN_BEFORE_LEAVE;
+    while source.rebalances() == 0 && tokio::time::Instant::now() < deadline {
+        poll_for(&source, Duration::from_millis(50)).await;
+    }
+    let turn = loop {
+        if let Some(turn) = LeaveTurn::try_take() {
+            break Some(turn);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break None;
+        }
+        poll_for(&source, Duration::from_millis(50)).await;
+    };
+    while tokio::time::Instant::now() < deadline {
+        let seen = source.rebalances();
+        poll_for(&source, HEARTBEAT * 2).await;
+        if source.rebalances() == seen && source.is_assigned() {
+            break;
+        }
+    }
+    let closed = source.close().await;
+    drop(turn);
+    closed
+}
+
+/// Polls the native consumer of `source` for `d`, dropping the records.
+async fn poll_for(source: &KafkaSource, d: Duration) {
+    let polling = async {
+        loop {
+            drop(source.native().recv().await);
+        }
+    };
+    let _ = tokio::time::timeout(d, polling).await;
+}
+
+/// The broker handle on tansu for the conformance suite: a [`KafkaBroker`]
+/// whose sources close the way tansu needs ([`close_on_tansu`]).
+#[derive(Clone)]
+pub struct OnTansu(pub KafkaBroker);
+
+/// A source of [`OnTansu`].
+pub struct TansuSource(Option<KafkaSource>);
+
+impl Source for TansuSource {
+    type Delivery = KafkaDelivery;
+
+    async fn next(&mut self) -> Option<Result<KafkaDelivery, Error>> {
+        self.0.as_mut()?.next().await
+    }
+
+    fn system(&self) -> &'static str {
+        postbox_kafka::SYSTEM
+    }
+
+    fn destination(&self) -> &str {
+        self.0.as_ref().map_or("", |s| s.destination())
+    }
+
+    async fn close(mut self) -> Result<(), Error> {
+        match self.0.take() {
+            Some(source) => close_on_tansu(source).await,
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for OnTansu {
+    async fn publish(&self, destination: &str, envelope: Envelope) -> Result<(), PublishError> {
+        self.0.publish(destination, envelope).await
+    }
+    async fn publish_batch(&self, destination: &str, envelopes: Vec<Envelope>) -> BatchReport {
+        self.0.publish_batch(destination, envelopes).await
+    }
+}
+
+#[async_trait]
+impl DeadLetterOps for OnTansu {
+    async fn count(&self, dlq: &str) -> Result<u64, Error> {
+        self.0.count(dlq).await
+    }
+    async fn peek(&self, dlq: &str, limit: usize) -> Result<Vec<Envelope>, Error> {
+        self.0.peek(dlq, limit).await
+    }
+    async fn replay(
+        &self,
+        dlq: &str,
+        filter: ReplayFilter<'_>,
+        limit: usize,
+    ) -> Result<ReplayReport, Error> {
+        self.0.replay(dlq, filter, limit).await
+    }
+    async fn purge(&self, dlq: &str) -> Result<u64, Error> {
+        self.0.purge(dlq).await
+    }
+}
+
+#[async_trait]
+impl Broker for OnTansu {
+    fn system(&self) -> &'static str {
+        self.0.system()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    async fn provision(&self, destination: &str, options: &SubscribeOptions) -> Result<(), Error> {
+        self.0.provision(destination, options).await
+    }
+    async fn subscribe(
+        &self,
+        destination: &str,
+        options: SubscribeOptions,
+    ) -> Result<BoxSource, Error> {
+        let source = self.0.source(destination, options).await?;
+        Ok(Box::new(TansuSource(Some(source))))
+    }
+    async fn backlog(&self, destination: &str, group: Option<&str>) -> Result<Backlog, Error> {
+        self.0.backlog(destination, group).await
+    }
+    async fn health(&self) -> Result<Health, Error> {
+        self.0.health().await
+    }
+    async fn close(&self) -> Result<(), Error> {
+        self.0.close().await
+    }
 }
 
 enum MockCmd {
@@ -170,6 +383,22 @@ impl MockKafka {
         self.run(MockCmd::CreateTopic(name.to_string(), partitions))
     }
 
+    /// Creates what `broker` provisions for `topic`: the topic, its retry
+    /// tiers, its DLQ (the mock cluster has no CreateTopics, so the broker's
+    /// own provisioning finds them all there and creates nothing).
+    pub fn create_topology(
+        &self,
+        broker: &KafkaBroker,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<(), Error> {
+        for name in broker.topic_names(topic) {
+            self.create_topic(&name, partitions)
+                .map_err(|e| Error::new(postbox_core::ErrorKind::Other, e))?;
+        }
+        Ok(())
+    }
+
     /// Takes a broker down.
     pub fn broker_down(&self, id: i32) {
         self.run(MockCmd::BrokerDown(id)).expect("mock broker down");
@@ -189,129 +418,6 @@ impl MockKafka {
     /// Clears injected request errors.
     pub fn clear(&self, api: RDKafkaApiKey) {
         self.run(MockCmd::Clear(api)).expect("mock clear");
-    }
-}
-
-/// The conformance harness: topic = Kafka topic (with its retry tiers and
-/// DLQ), group = consumer group `<topic>.<group>`.
-pub struct KafkaHarness {
-    pub config: KafkaConfig,
-    pub publisher: KafkaPublisher,
-    pub ops: KafkaOps,
-    pub partitions: i32,
-    pub mock: Option<Arc<MockKafka>>,
-    topology: Option<Topology>,
-    name: &'static str,
-}
-
-impl KafkaHarness {
-    /// Against tansu at `bootstrap`, topics with `partitions` partitions.
-    pub fn tansu(bootstrap: &str, partitions: i32) -> Self {
-        let config = test_config(bootstrap, true);
-        let publisher = KafkaPublisher::new(&config).expect("publisher");
-        KafkaHarness {
-            ops: KafkaOps::with_publisher(&config, publisher.clone()).expect("ops"),
-            topology: Some(Topology::new(&config).expect("admin")),
-            publisher,
-            config,
-            partitions,
-            mock: None,
-            name: if partitions == 1 {
-                "kafka-tansu-1p"
-            } else {
-                "kafka-tansu"
-            },
-        }
-    }
-
-    /// Against a fresh in-process mock cluster.
-    pub fn mock(partitions: i32) -> Self {
-        let mock = Arc::new(MockKafka::start(1));
-        let config = test_config(&mock.bootstrap, false);
-        let publisher = KafkaPublisher::new(&config).expect("publisher");
-        KafkaHarness {
-            ops: KafkaOps::with_publisher(&config, publisher.clone()).expect("ops"),
-            topology: None,
-            publisher,
-            config,
-            partitions,
-            mock: Some(mock),
-            name: "kafka-mock",
-        }
-    }
-
-    /// The consumer group id of `group` on `topic`.
-    pub fn group_id(topic: &str, group: &str) -> String {
-        format!("{topic}.{group}")
-    }
-
-    /// A source with the harness settings.
-    pub async fn source(&self, topic: &str, group: &str) -> Result<KafkaSource, Error> {
-        KafkaSource::builder(
-            &consumer_config(&self.config),
-            topic,
-            Self::group_id(topic, group),
-        )
-        .publisher(self.publisher.clone())
-        .build()
-        .await
-    }
-
-    /// Creates the topic, its retry tiers and DLQ.
-    pub async fn create(&self, topic: &str) -> Result<(), Error> {
-        let spec = TopologySpec::new(self.partitions, 1);
-        match (&self.topology, &self.mock) {
-            (Some(t), _) => t.ensure_consumer_topology(topic, &spec).await,
-            (None, Some(mock)) => {
-                let mut names = vec![topic.to_string(), format!("{topic}.dlq")];
-                names.extend(self.config_tiers().topics(topic));
-                for n in names {
-                    mock.create_topic(&n, self.partitions)
-                        .map_err(|e| Error::new(postbox_core::ErrorKind::Other, e))?;
-                }
-                Ok(())
-            }
-            (None, None) => unreachable!("a harness has a topology or a mock"),
-        }
-    }
-
-    fn config_tiers(&self) -> RetryTiers {
-        test_tiers()
-    }
-}
-
-#[async_trait]
-impl Harness for KafkaHarness {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        let mut caps = Capabilities::all(Duration::from_millis(1500));
-        // Global publish order needs a single partition; competing consumers
-        // need at least two.
-        caps.ordered = self.partitions == 1;
-        caps.competing_consumers = self.partitions > 1;
-        caps.size_limit = Some(self.publisher.max_message_bytes());
-        caps
-    }
-
-    fn publisher(&self) -> Arc<dyn Publisher> {
-        Arc::new(self.publisher.clone())
-    }
-
-    fn dead_letters(&self) -> Arc<dyn DeadLetterOps> {
-        Arc::new(self.ops.clone())
-    }
-
-    async fn provision(&self, topic: &str, _groups: &[&str]) -> Result<(), Error> {
-        // Groups without a commit start at the earliest offset: they keep
-        // everything published from now on.
-        self.create(topic).await
-    }
-
-    async fn subscribe(&self, topic: &str, group: &str) -> Result<BoxSource, Error> {
-        Ok(Box::new(self.source(topic, group).await?))
     }
 }
 
@@ -402,7 +508,7 @@ impl OwnTansu {
             .ok()
             .filter(|b| !b.is_empty())
         else {
-            unreachable(
+            env::unreachable(
                 test,
                 "a Kafka broker of the test's own",
                 "POSTBOX_TANSU_BIN is not set (`eval \"$(scripts/brokers.sh env)\"`)",
