@@ -87,26 +87,7 @@ pub(crate) async fn unordered<F: Fetch, H: Handler>(shared: Arc<Shared<H>>, mut 
         };
         backoff = SOURCE_ERROR_BACKOFF.0;
         Counters::add(&shared.counters.received);
-        shared.metrics.in_flight.increment(1.0);
-        shared.processing.fetch_add(1, AtomicOrdering::Relaxed);
-        // Handle and settle it; the success path is written out here so the
-        // delivery is not moved into one more future on its way to `ack`.
-        let attempt = delivery.attempt();
-        shared.deposit_first_attempt(attempt);
-        let result = match undecodable(&delivery) {
-            Some(e) => Err(e),
-            None => shared.handler.handle(delivery.envelope()).await,
-        };
-        if result.is_ok() {
-            // What `decide` answers for a success, without rendering the id
-            // (only retry jitter needs it).
-            let acked = delivery.ack().await;
-            shared.acked(acked);
-        } else {
-            shared.failed(delivery, attempt, result).await;
-        }
-        shared.processing.fetch_sub(1, AtomicOrdering::Relaxed);
-        shared.metrics.in_flight.decrement(1.0);
+        shared.process(delivery).await;
     }
 }
 
@@ -270,6 +251,8 @@ impl<H: Handler> Shared<H> {
             None => self.handler.handle(delivery.envelope()).await,
         };
         if result.is_ok() {
+            // What `decide` answers for a success, without rendering the id
+            // (only retry jitter needs it).
             let acked = delivery.ack().await;
             self.acked(acked);
         } else {
