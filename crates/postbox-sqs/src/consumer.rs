@@ -13,6 +13,11 @@
 //!   received, unsettled message before it expires, so a handler that runs
 //!   longer than the timeout keeps its message (`ChangeMessageVisibilityBatch`).
 //! * The attempt number is `ApproximateReceiveCount`.
+//! * A body that claims to be a CloudEvent but breaks the format is handed
+//!   out like any message, with [`Delivery::decode_error`] set and an
+//!   envelope of what arrived, so the runtime dead-letters it (reason
+//!   `decode`) without calling the handler; the source's `next` only fails
+//!   for a failed `ReceiveMessage`.
 //! * FIFO queues keep order per message group: SQS hands out a group's next
 //!   messages only after the previous ones are deleted.
 //! * `close` stops the receivers (each finishes its current long poll),
@@ -268,24 +273,24 @@ async fn receiver(
             .collect::<Vec<_>>()
             .into_iter();
         if cancel.is_cancelled() {
-            release_all(&shared, items.filter_map(Result::ok).collect()).await;
+            release_all(&shared, items.collect()).await;
             return;
         }
         let Some(first) = items.next() else {
             drop(permit);
             continue;
         };
-        permit.send(first);
+        permit.send(Ok(first));
         while let Some(item) = items.next() {
             let permit = tokio::select! {
                 _ = cancel.cancelled() => None,
                 p = tx.reserve() => p.ok(),
             };
             if let Some(p) = permit {
-                p.send(item);
+                p.send(Ok(item));
             } else {
-                let mut rest: Vec<SqsDelivery> = item.into_iter().collect();
-                rest.extend(items.filter_map(Result::ok));
+                let mut rest = vec![item];
+                rest.extend(items);
                 release_all(&shared, rest).await;
                 return;
             }
@@ -309,55 +314,58 @@ async fn release_all(shared: &Arc<Shared>, deliveries: Vec<SqsDelivery>) -> usiz
     shared.change_visibility_batch(&receipts, 0).await.len()
 }
 
-fn to_delivery(
-    shared: &Arc<Shared>,
-    m: Message,
-    received_at: Instant,
-) -> Option<Result<SqsDelivery, Error>> {
-    let receipt = m.receipt_handle?;
-    let message_id = m.message_id.unwrap_or_default();
-    let attempt = m
-        .attributes
+fn to_delivery(shared: &Arc<Shared>, m: Message, received_at: Instant) -> Option<SqsDelivery> {
+    let Message {
+        receipt_handle,
+        message_id,
+        body,
+        attributes: system,
+        message_attributes,
+        ..
+    } = m;
+    let receipt = receipt_handle?;
+    let message_id = message_id.unwrap_or_default();
+    let attempt = system
         .as_ref()
         .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
         .and_then(|c| c.parse::<u32>().ok())
         .unwrap_or(1)
         .max(1);
-    let body = m.body.unwrap_or_default();
+    let group = system
+        .as_ref()
+        .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId));
     let received = Received {
         message_id: &message_id,
         queue: &shared.queue,
         foreign_type: &shared.settings().foreign_type,
+        attributes: message_attributes.as_ref(),
+        group: group.map(String::as_str),
     };
-    match codec::decode(&body, &received) {
-        Ok(mut envelope) => {
-            envelope.attempt = attempt;
-            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-            let entry = Arc::new(Entry {
-                receipt,
-                settled: Arc::new(tokio::sync::Mutex::new(false)),
-                visible_until: Mutex::new(received_at + shared.settings().visibility_timeout),
-            });
-            shared.inflight().insert(id, entry.clone());
-            Some(Ok(SqsDelivery {
-                shared: shared.clone(),
-                entry: Some(entry),
-                id,
-                envelope,
-                attempt,
-            }))
-        }
-        // Left invisible: it comes back after the visibility timeout, and the
-        // queue's redrive policy moves it to the DLQ after maxReceiveCount.
-        Err(e) => Some(Err(Error::new(
-            ErrorKind::Decode,
-            format!(
-                "message {message_id} of {} is not a valid CloudEvent (attempt {attempt}); left for the redrive policy",
-                shared.queue
-            ),
-        )
-        .with_source(e))),
+    let body = body.as_deref().unwrap_or_default();
+    // An undecodable message is handed out like any other, so the runtime
+    // dead-letters it (reason `decode`) through the consumer's router at once
+    // instead of leaving it to circulate until a redrive policy, if any,
+    // moves it.
+    let (mut envelope, decode_error) = codec::decode(body, &received);
+    if let Some(error) = &decode_error {
+        tracing::warn!(queue = %shared.queue, message_id = %message_id, attempt, error = %error, "received a broken CloudEvent; it goes to the dead-letter queue");
     }
+    envelope.attempt = attempt;
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let entry = Arc::new(Entry {
+        receipt,
+        settled: Arc::new(tokio::sync::Mutex::new(false)),
+        visible_until: Mutex::new(received_at + shared.settings().visibility_timeout),
+    });
+    shared.inflight().insert(id, entry.clone());
+    Some(SqsDelivery {
+        shared: shared.clone(),
+        entry: Some(entry),
+        id,
+        envelope,
+        attempt,
+        decode_error,
+    })
 }
 
 /// Batches deletes: every ack waiting at this moment goes into one
@@ -597,6 +605,8 @@ pub(crate) struct SqsDelivery {
     id: u64,
     envelope: Envelope,
     attempt: u32,
+    /// Set when the body claimed to be a CloudEvent but broke the format.
+    decode_error: Option<Error>,
 }
 
 impl std::fmt::Debug for SqsDelivery {
@@ -655,6 +665,14 @@ impl Delivery for SqsDelivery {
 
     fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// Set for a body that claims to be a CloudEvent (a JSON object with
+    /// `specversion`, or broken JSON naming it) but breaks the format; the
+    /// envelope then holds what arrived (see
+    /// [`UNDECODABLE_TYPE`](crate::UNDECODABLE_TYPE)).
+    fn decode_error(&self) -> Option<&Error> {
+        self.decode_error.as_ref()
     }
 
     fn origin(&self) -> Origin {

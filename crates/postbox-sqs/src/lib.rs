@@ -18,7 +18,8 @@
 //!   first with a dead-letter queue and redrive policy. Long polling,
 //!   concurrent receivers into a bounded buffer, batched deletes, a
 //!   visibility heartbeat, attempts from `ApproximateReceiveCount`;
-//!   SNS-wrapped and foreign messages are decoded.
+//!   SNS-wrapped and foreign messages are decoded, broken CloudEvents are
+//!   handed over for dead-lettering.
 //! * Retries are visibility changes (≤ 12 h, [`MAX_VISIBILITY`]);
 //!   dead-lettering goes through core's
 //!   [`DeadLetterRouter`](postbox_core::DeadLetterRouter) to the queue
@@ -42,7 +43,15 @@
 //!
 //! Wire format: the body is the CloudEvents JSON document; the message
 //! attributes are [`ATTR_TYPE`] plus the user headers, at most
-//! [`MAX_ATTRIBUTES`] in total.
+//! [`MAX_ATTRIBUTES`] in total (postbox's `dlq…`/`retry…` metadata travels
+//! in the body). A body without CloudEvents markers is a *foreign* message
+//! for the handler; one that claims to be a CloudEvent but breaks the
+//! format is *undecodable*: the delivery carries
+//! [`Delivery::decode_error`](postbox_core::Delivery::decode_error) and an
+//! envelope of what arrived ([`UNDECODABLE_TYPE`]: the body as payload, the
+//! attributes as headers, see [`attribute_header`]), and the runtime
+//! dead-letters it with reason `decode`; replaying its copy puts the body
+//! back as it arrived. The crate README has the full mapping.
 //!
 //! ```no_run
 //! use postbox_core::{handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, Publisher, SubscribeOptions};
@@ -80,7 +89,10 @@ mod publisher;
 mod retry;
 mod topology;
 
-pub use codec::{ATTR_TYPE, MAX_ATTRIBUTES, SNS_MAX_BYTES, SQS_MAX_BYTES};
+pub use codec::{
+    attribute_header, ATTRIBUTE_ESCAPE, ATTR_TYPE, MAX_ATTRIBUTES, SNS_MAX_BYTES, SQS_MAX_BYTES,
+    UNDECODABLE_TEXT, UNDECODABLE_TYPE,
+};
 pub use config::{queue_name, FifoDeduplication, SqsConfig};
 pub use publisher::{SqsBroker, MAX_BATCH, MAX_DELAY, SYSTEM};
 pub use retry::MAX_VISIBILITY;

@@ -3,10 +3,15 @@
 //!
 //! * backlog: `ApproximateNumberOfMessages`, `…NotVisible`, `…Delayed`;
 //! * peek: receive (hidden for a while), then make visible again at once
-//!   (`ChangeMessageVisibility 0`), so nothing is consumed;
+//!   (`ChangeMessageVisibility 0`), so nothing is consumed. Every message is
+//!   shown: one that is not a valid CloudEvent appears raw (type
+//!   [`UNDECODABLE_TYPE`](crate::UNDECODABLE_TYPE), body as payload,
+//!   attributes as headers), so `count`, `peek`, `replay` and `purge` agree;
 //! * replay: receive, publish matching messages back to their origin queue
 //!   (ids kept, [`prepare_replay`]), then delete them from the DLQ; the rest
-//!   is made visible again;
+//!   is made visible again. An undecodable message's copy goes back as the
+//!   body that arrived; a dead letter without `dlqorigin` (moved there by
+//!   the redrive policy) is skipped;
 //! * purge: receive and delete until the queue is empty (an exact count;
 //!   [`SqsBroker::purge_queue`] is the native `PurgeQueue`).
 
@@ -14,7 +19,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, Message, QueueAttributeName};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, Message, MessageSystemAttributeName, QueueAttributeName,
+};
 use postbox_core::dlq::{prepare_replay, DeadLetterOps, ReplayFilter, ReplayReport};
 use postbox_core::{Backlog, Envelope, Error, ErrorKind, Health, Publisher};
 
@@ -102,6 +109,7 @@ impl SqsBroker {
             .visibility_timeout(HOLD)
             .wait_time_seconds(0)
             .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
             .send()
             .await
             .map_err(|e| from_sdk("ReceiveMessage", e))?;
@@ -156,19 +164,27 @@ impl SqsBroker {
         }
     }
 
-    fn decode_message(&self, queue: &str, m: &Message) -> Result<Envelope, Error> {
+    /// A dead letter as an envelope: decoded, foreign, or — when it claims
+    /// to be a CloudEvent but breaks the format — what arrived (type
+    /// [`UNDECODABLE_TYPE`](crate::UNDECODABLE_TYPE), the body as payload,
+    /// the attributes as headers), so every message in the queue is seen.
+    fn decode_message(&self, queue: &str, m: &Message) -> Envelope {
         let foreign = postbox_core::envelope::Text::Borrowed(
             postbox_core::codec::foreign::DEFAULT_FOREIGN_TYPE,
         );
         let id = m.message_id.clone().unwrap_or_default();
-        codec::decode(
-            m.body.as_deref().unwrap_or(""),
-            &Received {
-                message_id: &id,
-                queue,
-                foreign_type: &foreign,
-            },
-        )
+        let group = m
+            .attributes
+            .as_ref()
+            .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId));
+        let received = Received {
+            message_id: &id,
+            queue,
+            foreign_type: &foreign,
+            attributes: m.message_attributes.as_ref(),
+            group: group.map(String::as_str),
+        };
+        codec::decode(m.body.as_deref().unwrap_or(""), &received).0
     }
 
     /// Receives up to `limit` distinct messages, keeping them hidden.
@@ -219,7 +235,7 @@ impl DeadLetterOps for SqsBroker {
         self.show_again(&url, &receipts(&msgs)).await;
         Ok(msgs
             .iter()
-            .filter_map(|m| self.decode_message(name_of(&name), m).ok())
+            .map(|m| self.decode_message(name_of(&name), m))
             .collect())
     }
 
@@ -246,14 +262,7 @@ impl DeadLetterOps for SqsBroker {
                     keep.push(receipt);
                     continue;
                 }
-                let env = match self.decode_message(name_of(&name), &m) {
-                    Ok(env) => env,
-                    Err(_) => {
-                        report.skipped += 1;
-                        keep.push(receipt);
-                        continue;
-                    }
-                };
+                let env = self.decode_message(name_of(&name), &m);
                 if report.replayed >= limit || !filter(&env) {
                     report.skipped += 1;
                     keep.push(receipt);
@@ -264,7 +273,14 @@ impl DeadLetterOps for SqsBroker {
                     keep.push(receipt);
                     continue;
                 };
-                match self.publish(&origin, replay).await {
+                // An undecodable message goes back as it arrived, not
+                // wrapped in a CloudEvent (which would hide the breakage).
+                let sent = if codec::is_undecodable(&replay) {
+                    self.send_raw(&origin, &replay).await
+                } else {
+                    self.publish(&origin, replay).await.map_err(|e| e.error)
+                };
+                match sent {
                     Ok(()) => {
                         self.delete_receipts(&url, std::slice::from_ref(&receipt))
                             .await?;
@@ -272,7 +288,7 @@ impl DeadLetterOps for SqsBroker {
                     }
                     Err(e) => {
                         keep.push(receipt);
-                        failure = Some(e.error);
+                        failure = Some(e);
                         break 'outer;
                     }
                 }

@@ -256,6 +256,34 @@ impl SqsBroker {
         }
     }
 
+    /// Sends the message an undecodable message's envelope stands for, as it
+    /// arrived ([`codec::encode_raw`]): what replay does with one.
+    pub(crate) async fn send_raw(&self, destination: &str, env: &Envelope) -> Result<(), Error> {
+        let sent = self.try_send_raw(destination, env).await;
+        match &sent {
+            Ok(()) => self.inner.metrics.published.increment(1),
+            Err(_) => self.inner.metrics.failed.increment(1),
+        }
+        sent
+    }
+
+    async fn try_send_raw(&self, destination: &str, env: &Envelope) -> Result<(), Error> {
+        self.ensure_open()?;
+        let dest = Destination::parse(destination);
+        let max = match dest {
+            Destination::Queue(_) => self.inner.settings.max_sqs_bytes,
+            Destination::Topic(_) => self.inner.settings.max_sns_bytes,
+        };
+        let encoded = codec::encode_raw(env, max)?;
+        if dest.is_fifo() && env.key.is_none() && self.inner.settings.fifo_default_group.is_none() {
+            return Err(Error::limit(Limit::FifoGroupRequired));
+        }
+        match &dest {
+            Destination::Queue(q) => self.send_sqs(q, env, encoded, None).await,
+            Destination::Topic(t) => self.send_sns(t, env, encoded).await,
+        }
+    }
+
     async fn send_sqs(
         &self,
         queue: &str,

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use postbox_core::{
-    handler_fn, BoxDelivery, BoxSource, Broker, Consumer, DeadLetterOps, DeadLetterRouter,
-    Delivery, Envelope, Error, ErrorKind, Limit, Publisher, Retry, Source, SubscribeOptions,
+    handler_fn, BoxDelivery, BoxSource, Broker, Consumer, DeadLetterMetadata, DeadLetterOps,
+    DeadLetterRouter, Delivery, Envelope, Error, ErrorKind, Limit, Publisher, Retry, Source,
+    SubscribeOptions,
 };
-use postbox_sqs::{QueueSpec, SqsBroker, SqsConfig, SubscriptionSpec};
+use postbox_sqs::{QueueSpec, SqsBroker, SqsConfig, SubscriptionSpec, UNDECODABLE_TYPE};
 use postbox_testkit::env::unique;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -541,10 +542,13 @@ async fn redrive_policy_is_provisioned_idempotently() {
     assert!(arn.ends_with(&format!(":{name}-dlq.fifo")), "{arn}");
 }
 
+/// An undecodable message is handed out with its decode error and what
+/// arrived; one that nobody settles (a source used without the runtime) is
+/// still caught by the native redrive policy, and `peek` shows it raw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn native_redrive_moves_a_poison_message_to_the_dlq() {
+async fn native_redrive_still_catches_an_undecodable_message_nobody_settles() {
     let broker = broker_or_skip!(
-        "native_redrive_moves_a_poison_message_to_the_dlq",
+        "native_redrive_still_catches_an_undecodable_message_nobody_settles",
         quick().visibility_timeout(Duration::from_secs(1))
     );
     let name = unique("poison");
@@ -552,32 +556,245 @@ async fn native_redrive_moves_a_poison_message_to_the_dlq() {
         .declare_queue(&QueueSpec::new(&name).max_receive_count(2))
         .await
         .unwrap();
-    // A broken CloudEvent cannot be decoded into an envelope: the source
-    // reports a Decode error and leaves the message to the redrive policy.
+    let body = r#"{"specversion":"1.0","id":"x"}"#;
     let url = broker.queue_url(&name).await.unwrap();
     broker
         .sqs()
         .send_message()
         .queue_url(&url)
-        .message_body(r#"{"specversion":"1.0","id":"x"}"#)
+        .message_body(body)
         .send()
         .await
         .unwrap();
     let mut source = broker.subscribe(&name, existing()).await.unwrap();
-    let mut errors = 0;
+    let mut receives = 0;
     let dlq = postbox_core::dlq::default_destination(&name);
     while total(&broker, &dlq).await == 0 {
         match tokio::time::timeout(Duration::from_secs(3), source.next()).await {
-            Ok(Some(Err(e))) => {
+            Ok(Some(Ok(d))) => {
+                let e = d.decode_error().expect("a decode error");
                 assert_eq!(e.kind(), &ErrorKind::Decode);
-                errors += 1;
+                assert!(e.message().contains("`type` is missing"), "{e}");
+                assert_eq!(d.envelope().event_type, UNDECODABLE_TYPE);
+                assert_eq!(&d.envelope().payload[..], body.as_bytes());
+                receives += 1;
+                drop(d);
             }
             Ok(other) => panic!("unexpected {:?}", other.map(|r| r.map(|d| d.attempt()))),
             Err(_) => {}
         }
-        assert!(errors <= 5, "not redriven after {errors} receives");
+        assert!(receives <= 5, "not redriven after {receives} receives");
     }
-    assert!(errors >= 2);
+    assert!(receives >= 2);
+    source.close().await.unwrap();
+    let peeked = broker.peek(&dlq, 10).await.unwrap();
+    assert_eq!(peeked.len(), 1);
+    assert_eq!(peeked[0].event_type, UNDECODABLE_TYPE);
+    assert_eq!(&peeked[0].payload[..], body.as_bytes());
+    assert!(
+        DeadLetterMetadata::read(&peeked[0]).is_none(),
+        "SQS wrote no metadata"
+    );
+}
+
+/// A broken CloudEvent on a FIFO queue is dead-lettered through the router
+/// in its message group (the DLQ is FIFO too), and replay puts it back in
+/// that group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_message_on_a_fifo_queue_is_dead_lettered_in_its_group() {
+    let broker =
+        broker_or_skip!("an_undecodable_message_on_a_fifo_queue_is_dead_lettered_in_its_group");
+    let name = format!("{}.fifo", unique("badfifo"));
+    broker
+        .declare_queue(&QueueSpec::new(&name).max_receive_count(5))
+        .await
+        .unwrap();
+    let body = r#"{"specversion":"1.0","id":"1","type":"t","source":"s","time":"noon"}"#;
+    let url = broker.queue_url(&name).await.unwrap();
+    broker
+        .sqs()
+        .send_message()
+        .queue_url(&url)
+        .message_body(body)
+        .message_group_id("g1")
+        .message_deduplication_id("d1")
+        .send()
+        .await
+        .unwrap();
+    let source = broker
+        .subscribe(&name, existing().ordered(true))
+        .await
+        .unwrap();
+    let running = Consumer::builder(source, handler_fn(|_env: Envelope| async { Ok(()) }))
+        .dead_letter(DeadLetterRouter::new(broker.clone()))
+        .build()
+        .unwrap()
+        .spawn();
+    let dlq = postbox_core::dlq::default_destination(&name);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.count(&dlq).await.unwrap() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let report = running.shutdown().await.unwrap();
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    let peeked = broker.peek(&dlq, 10).await.unwrap();
+    assert_eq!(peeked.len(), 1);
+    let meta = DeadLetterMetadata::read(&peeked[0]).unwrap();
+    assert_eq!(meta.reason, postbox_core::FailureReason::Decode);
+    assert!(meta.error.contains("RFC 3339"), "{}", meta.error);
+    assert_eq!(peeked[0].key.as_deref(), Some("g1"));
+    assert_eq!(&peeked[0].payload[..], body.as_bytes());
+    let replayed = broker.replay(&dlq, &|_| true, 10).await.unwrap();
+    assert_eq!(replayed.replayed, 1);
+    let out = broker
+        .sqs()
+        .receive_message()
+        .queue_url(&url)
+        .wait_time_seconds(5)
+        .message_system_attribute_names(
+            postbox_sqs::aws_sdk_sqs::types::MessageSystemAttributeName::MessageGroupId,
+        )
+        .send()
+        .await
+        .unwrap();
+    let m = &out.messages.unwrap()[0];
+    assert_eq!(m.body.as_deref(), Some(body));
+    let group = m.attributes.as_ref().unwrap()
+        [&postbox_sqs::aws_sdk_sqs::types::MessageSystemAttributeName::MessageGroupId]
+        .as_str();
+    assert_eq!(group, "g1");
+}
+
+/// `count`, `peek`, `replay` and `purge` agree on a DLQ holding postbox's
+/// copies and undecodable messages (moved there by the redrive policy, or
+/// written by another tool with metadata as attributes): none is invisible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_operations_agree_on_undecodable_dead_letters() {
+    let broker = broker_or_skip!("dead_letter_operations_agree_on_undecodable_dead_letters");
+    let q = queue(&broker, "dlqops").await;
+    let dlq = postbox_core::dlq::default_destination(&q);
+    let now = SystemTime::now();
+    let copies: Vec<Envelope> = (0..4)
+        .map(|i| {
+            let mut env = Envelope::new("order.placed", format!(r#"{{"i":{i}}}"#));
+            DeadLetterMetadata {
+                reason: postbox_core::FailureReason::HandlerError,
+                error: "boom".into(),
+                error_type: "permanent".into(),
+                attempts: 1,
+                first_failed_at: now,
+                last_failed_at: now,
+                origin: postbox_core::Origin {
+                    destination: q.clone(),
+                    partition: None,
+                    offset: None,
+                },
+                consumer: "test".into(),
+            }
+            .apply(&mut env);
+            env
+        })
+        .collect();
+    assert!(broker
+        .publish_batch(&dlq, copies.clone())
+        .await
+        .is_success());
+    let broken = [
+        r#"{"specversion":"1.0","id":"x"}"#,
+        r#"{"specversion":"1.0""#,
+        r#"{"specversion":"0.3","id":"1","type":"t","source":"s"}"#,
+        r#"{"specversion":"1.0","id":"1","type":"t","source":"s","data_base64":"%%"}"#,
+    ];
+    let dlq_url = broker.queue_url(&dlq).await.unwrap();
+    for body in broken {
+        broker
+            .sqs()
+            .send_message()
+            .queue_url(&dlq_url)
+            .message_body(body)
+            .send()
+            .await
+            .unwrap();
+    }
+    let attr = |v: &str| {
+        postbox_sqs::aws_sdk_sqs::types::MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .unwrap()
+    };
+    let tagged = r#"{"specversion":"2.0","id":"t"}"#;
+    broker
+        .sqs()
+        .send_message()
+        .queue_url(&dlq_url)
+        .message_body(tagged)
+        .message_attributes("dlqreason", attr("decode"))
+        .message_attributes("dlqorigin", attr(&q))
+        .message_attributes("tenant", attr("acme"))
+        .send()
+        .await
+        .unwrap();
+    let all = copies.len() + broken.len() + 1;
+    assert_eq!(broker.count(&dlq).await.unwrap(), all as u64);
+    let peeked = broker.peek(&dlq, 200).await.unwrap();
+    assert_eq!(peeked.len(), all, "peek shows every dead letter");
+    let raw: BTreeSet<&[u8]> = peeked
+        .iter()
+        .filter(|e| e.event_type == UNDECODABLE_TYPE)
+        .map(|e| &e.payload[..])
+        .collect();
+    let expected: BTreeSet<&[u8]> = broken
+        .iter()
+        .chain([&tagged])
+        .map(|b| b.as_bytes())
+        .collect();
+    assert_eq!(raw, expected, "shown raw");
+    let shown = peeked
+        .iter()
+        .find(|e| &e.payload[..] == tagged.as_bytes())
+        .unwrap();
+    assert_eq!(shown.headers["dlqreason"], "decode", "with its metadata");
+    assert_eq!(shown.headers["dlqorigin"], q);
+    assert_eq!(shown.headers["tenant"], "acme");
+
+    // Replay takes the copies and the tagged message (it names its origin)
+    // and leaves the redriven ones, which name none.
+    let report = broker.replay(&dlq, &|_| true, 200).await.unwrap();
+    assert_eq!(report.replayed, copies.len() + 1, "{report:?}");
+    assert_eq!(report.skipped, broken.len(), "{report:?}");
+    assert_eq!(broker.count(&dlq).await.unwrap(), broken.len() as u64);
+    assert_eq!(broker.peek(&dlq, 200).await.unwrap().len(), broken.len());
+    let url = broker.queue_url(&q).await.unwrap();
+    let mut back = Vec::new();
+    while back.len() < copies.len() + 1 {
+        let out = broker
+            .sqs()
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(2)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .unwrap();
+        back.extend(out.messages.unwrap_or_default());
+    }
+    let m = back
+        .iter()
+        .find(|m| m.body.as_deref() == Some(tagged))
+        .expect("the tagged body, as it was");
+    let names: BTreeSet<&str> = m
+        .message_attributes
+        .iter()
+        .flatten()
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(names, BTreeSet::from(["tenant"]), "metadata left behind");
+    assert_eq!(broker.purge(&dlq).await.unwrap(), broken.len() as u64);
+    assert_eq!(broker.count(&dlq).await.unwrap(), 0);
+    assert!(broker.peek(&dlq, 200).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
