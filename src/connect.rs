@@ -72,6 +72,12 @@ async fn connect_to(url: Option<String>) -> Result<AnyBroker, Error> {
     }
 }
 
+#[cfg(not(all(
+    feature = "memory",
+    feature = "kafka",
+    feature = "rabbitmq",
+    feature = "sqs"
+)))]
 fn feature_off(scheme: &str, feature: &str) -> Error {
     Error::new(
         ErrorKind::Config,

@@ -179,16 +179,9 @@ trait Broker: Sized {
 }
 
 // ---------------------------------------------------------------------------
-// Helpers (the SQS ones copied from postbox-sqs's tests: this crate must not
-// depend on another crate's test helpers).
+// Helpers.
 
-/// A variable, or `default` when unset or empty.
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| default.to_string())
-}
+use postbox_testkit::env::var_or as env_or;
 
 /// `AWS_ENDPOINT_URL`, default `http://127.0.0.1:4566`.
 fn endpoint() -> String {

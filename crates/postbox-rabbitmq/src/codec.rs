@@ -1,19 +1,49 @@
-//! The envelope on the wire: AMQP 0-9-1 binary content mode.
+//! The envelope on the wire, as the CloudEvents AMQP binding has it.
 //!
-//! * CloudEvents attributes and user headers go into the headers table as
-//!   long strings, prefixed `cloudEvents:` (configurable: `cloudEvents_`,
-//!   `ce-`); decoding accepts all three prefixes, case-insensitively.
-//! * The native properties are filled too: `message_id` = id, `type` = type,
-//!   `app_id` = source, `timestamp` = time (seconds), `content_type`,
-//!   `correlation_id`, `delivery_mode` = 2 (persistent).
-//! * The payload is the body, byte for byte.
-//! * A **foreign** message (no CloudEvents header) gets a synthesized
-//!   envelope: id = the `message_id` property, or else `amqp-<hash>` — a
-//!   64-bit FNV-1a hash of exchange, routing key, `timestamp`, `correlation_id`
-//!   and body, which is stable across redeliveries of one message (two
-//!   byte-identical messages without `message_id`/`timestamp` share it);
-//!   type = the `type` property or the configured default; source = `app_id` or
-//!   `rabbitmq:<queue>`; content type = `content_type` or JSON.
+//! **Publishing** ([`encode`]), in the configured [`ContentMode`]:
+//! * binary (default): CloudEvents attributes and user headers go into the
+//!   headers table as long strings, prefixed `cloudEvents:` (configurable:
+//!   `cloudEvents_`, `ce-`); the payload is the body, byte for byte;
+//!   `content_type` = `datacontenttype` (left out when it starts with
+//!   `application/cloudevents`, which would make receivers read the body as
+//!   a structured event; the header still carries it);
+//! * structured: the body is the CloudEvents JSON document (core's
+//!   structured codec), `content_type` = [`STRUCTURED_CONTENT_TYPE`], no
+//!   attribute headers.
+//!
+//! Both modes fill the native properties `message_id` = id, `type` = type,
+//! `app_id` = source, `timestamp` = time (seconds), `correlation_id`, and
+//! `delivery_mode` = 2 (persistent). The CloudEvents metadata of a message
+//! may take at most [`MAX_METADATA_BYTES`] ([`metadata_bytes`]), checked
+//! when publishing and when receiving, so that retry and dead-letter copies,
+//! which carry it again, always fit in one AMQP content-header frame.
+//!
+//! **Receiving** ([`decode`]) picks the mode as the binding says: a
+//! `content_type` starting with `application/cloudevents` is structured mode
+//! (`application/cloudevents+json` is read; another event format is a decode
+//! failure); else any `cloudEvents:`/`cloudEvents_`/`ce-` header (any case)
+//! makes it binary mode; else the message is foreign. In binary mode each
+//! attribute is read in its own CloudEvents type, from its native AMQP type
+//! or its canonical string form: `time` from a timestamp (`T`) or an RFC 3339
+//! string, `attempt` from any integer or a decimal string, extensions from
+//! strings, integers, booleans (`"true"`/`"false"`) or timestamps (RFC 3339);
+//! string attributes only from strings (long strings and byte arrays must be
+//! UTF-8). Anything else — text that is not UTF-8, a `time` array, a float —
+//! is a decode failure, never a lossy or dropped value. The `content_type`
+//! property is the `datacontenttype` (the header is read when the property
+//! is absent).
+//!
+//! A **foreign** message (no CloudEvents marker) gets a synthesized
+//! envelope: id = the `message_id` property, or else `amqp-<hash>` — a
+//! 64-bit FNV-1a hash of exchange, routing key, `timestamp`, `correlation_id`
+//! and body, which is stable across redeliveries of one message (two
+//! byte-identical messages without `message_id`/`timestamp` share it); type =
+//! the `type` property or the configured default; source = `app_id` or
+//! `rabbitmq:<queue>`; content type = `content_type` or JSON.
+//!
+//! An **undecodable** message (CloudEvents markers, broken format) gets the
+//! envelope of [`undecodable_envelope`]: what arrived, so that its dead-letter
+//! copy shows it and a replay can put it back ([`restore_undecodable`]).
 //!
 //! Destinations (see [`route`]): `orders` is the queue `orders` (through the
 //! default exchange); `queue:orders` is the same; `exchange:events` is the
@@ -23,23 +53,67 @@
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
 use bytes::Bytes;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, DecimalValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
-use postbox_core::codec::{binary, foreign};
-use postbox_core::{Envelope, Error, ErrorKind, MessageId};
+use postbox_core::codec::{attr, binary, foreign, format_time, is_reserved, structured};
+use postbox_core::{dlq, Envelope, Error, ErrorKind, MessageId};
 
-use crate::config::HeaderPrefix;
+use crate::config::{ContentMode, HeaderPrefix};
 
 /// The prefixes accepted when decoding, in order.
 pub(crate) const DECODE_PREFIXES: [&str; 3] = ["cloudEvents:", "cloudEvents_", "ce-"];
 
-/// Header carrying when a delayed retry copy is due (Unix milliseconds).
+/// Header carrying when a delayed copy is due (Unix milliseconds).
 pub(crate) const DUE_HEADER: &str = "postbox-due";
 /// Header the delay exchange routes on to pick a tier queue.
 pub(crate) const TIER_HEADER: &str = "postbox-delay-tier";
 /// Header quorum queues set on redeliveries.
 pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// The `content_type` of a structured-mode message postbox publishes.
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json; charset=UTF-8";
+
+/// The media-type prefix that means structured mode (the AMQP binding).
+const CLOUDEVENTS_MEDIA: &str = "application/cloudevents";
+
+/// The one event format read in structured mode.
+const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+
+/// The most CloudEvents metadata one message may carry, in bytes as
+/// [`metadata_bytes`] counts them: checked when publishing (an `Encode`
+/// error) and when receiving (a decode failure, dead-lettered with reason
+/// `decode`). The retry and dead-letter metadata postbox adds is not counted,
+/// so a copy fits wherever its original did: RabbitMQ's default `frame_max`
+/// (128 KiB) holds the largest metadata plus every copy's own.
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+
+/// What [`metadata_bytes`] adds per attribute besides its name and value:
+/// the header prefix and the AMQP field-table encoding.
+const ATTRIBUTE_OVERHEAD: usize = 20;
+
+/// The `type` of the envelope of an undecodable message: a message with
+/// CloudEvents markers that breaks the format, handed to the consumer
+/// runtime (and dead-lettered) as what arrived — its body as the payload, its
+/// AMQP headers and properties as headers (see the crate README).
+pub const UNDECODABLE_TYPE: &str = "postbox.undecodable";
+
+/// Envelope headers of an undecodable message that carry AMQP properties:
+/// `amqp:<property>` (AMQP 0-9-1 names: `amqp:content-type`,
+/// `amqp:message-id`, …).
+const PROPERTY_PREFIX: &str = "amqp:";
+/// An AMQP header whose name cannot be an envelope header name as it is
+/// (a reserved attribute name, the `amqp:` namespace, or too long).
+const RAW_HEADER_PREFIX: &str = "amqp:header:";
+/// An AMQP header whose value is not UTF-8: carried base64-encoded.
+const RAW_BASE64_PREFIX: &str = "amqp:base64:";
+/// Says which headers of an undecodable message did not fit in the
+/// metadata limit.
+const RAW_OMITTED: &str = "amqp:omitted";
+/// The longest carried name: with the longest publishing prefix
+/// (`cloudEvents:`) it is still an AMQP short string.
+const MAX_CARRIED_NAME: usize = 255 - "cloudEvents:".len();
 
 /// Where a destination string publishes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,14 +153,50 @@ pub(crate) fn short(what: &str, s: &str) -> Result<ShortString, Error> {
     })
 }
 
-/// Encodes the envelope's metadata as AMQP properties + headers (the body is `env.payload`).
-pub(crate) fn encode(env: &Envelope, prefix: HeaderPrefix) -> Result<BasicProperties, Error> {
-    let headers = encode_headers(env, prefix)?;
-    Ok(properties(env, headers))
+fn decode_error(message: impl Into<Cow<'static, str>>) -> Error {
+    Error::new(ErrorKind::Decode, message)
+}
+
+/// A message ready to send: its properties (headers included) and body.
+#[derive(Debug, Clone)]
+pub(crate) struct Encoded {
+    /// The AMQP properties, headers table included.
+    pub(crate) properties: BasicProperties,
+    /// The body.
+    pub(crate) body: Bytes,
+}
+
+/// Encodes an envelope in `mode` (see the module docs).
+pub(crate) fn encode(
+    env: &Envelope,
+    prefix: HeaderPrefix,
+    mode: ContentMode,
+) -> Result<Encoded, Error> {
+    check_metadata(env, ErrorKind::Encode)?;
+    let props = native_properties(env);
+    match mode {
+        ContentMode::Binary => {
+            let mut props = props.with_headers(encode_headers(env, prefix)?);
+            // A binary message must not look structured to its receivers.
+            if !is_cloudevents_media(&env.content_type) {
+                if let Ok(ct) = ShortString::try_new(env.content_type.as_ref()) {
+                    props = props.with_content_type(ct);
+                }
+            }
+            Ok(Encoded {
+                properties: props,
+                body: env.payload.clone(),
+            })
+        }
+        ContentMode::Structured => Ok(Encoded {
+            properties: props.with_content_type(STRUCTURED_CONTENT_TYPE.into()),
+            body: Bytes::from(structured::encode(env)?),
+        }),
+    }
 }
 
 /// The headers table of an envelope (CloudEvents attributes and user headers).
-pub(crate) fn encode_headers(env: &Envelope, prefix: HeaderPrefix) -> Result<FieldTable, Error> {
+fn encode_headers(env: &Envelope, prefix: HeaderPrefix) -> Result<FieldTable, Error> {
     let attrs = binary::encode(env)?;
     let mut table = FieldTable::default();
     let p = prefix.as_str();
@@ -97,10 +207,11 @@ pub(crate) fn encode_headers(env: &Envelope, prefix: HeaderPrefix) -> Result<Fie
     Ok(table)
 }
 
-fn properties(env: &Envelope, headers: FieldTable) -> BasicProperties {
-    let mut props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_headers(headers);
+/// The native properties of both modes (no content type, no headers).
+fn native_properties(env: &Envelope) -> BasicProperties {
+    let mut props = BasicProperties::default().with_delivery_mode(2);
+    // Properties are short strings: a longer value is carried by the
+    // CloudEvents attribute alone.
     if let Ok(id) = ShortString::try_new(env.id.as_str()) {
         props = props.with_message_id(id);
     }
@@ -109,9 +220,6 @@ fn properties(env: &Envelope, headers: FieldTable) -> BasicProperties {
     }
     if let Ok(s) = ShortString::try_new(env.source.as_ref()) {
         props = props.with_app_id(s);
-    }
-    if let Ok(ct) = ShortString::try_new(env.content_type.as_ref()) {
-        props = props.with_content_type(ct);
     }
     if let Some(c) = env
         .correlation_id
@@ -130,25 +238,110 @@ fn properties(env: &Envelope, headers: FieldTable) -> BasicProperties {
     props
 }
 
-/// A header value as text (strings, numbers, booleans, timestamps); `None` for tables/arrays.
-pub(crate) fn value_text(v: &AMQPValue) -> Option<Cow<'_, str>> {
-    Some(match v {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()),
-        AMQPValue::ShortString(s) => Cow::Borrowed(s.as_str()),
-        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()),
-        AMQPValue::Boolean(b) => Cow::Owned(b.to_string()),
-        AMQPValue::ShortShortInt(n) => Cow::Owned(n.to_string()),
-        AMQPValue::ShortShortUInt(n) => Cow::Owned(n.to_string()),
-        AMQPValue::ShortInt(n) => Cow::Owned(n.to_string()),
-        AMQPValue::ShortUInt(n) => Cow::Owned(n.to_string()),
-        AMQPValue::LongInt(n) => Cow::Owned(n.to_string()),
-        AMQPValue::LongUInt(n) => Cow::Owned(n.to_string()),
-        AMQPValue::LongLongInt(n) => Cow::Owned(n.to_string()),
-        AMQPValue::Timestamp(n) => Cow::Owned(n.to_string()),
-        AMQPValue::Float(n) => Cow::Owned(n.to_string()),
-        AMQPValue::Double(n) => Cow::Owned(n.to_string()),
-        _ => return None,
-    })
+/// Whether a content type names a CloudEvents event format (structured mode).
+fn is_cloudevents_media(content_type: &str) -> bool {
+    content_type
+        .get(..CLOUDEVENTS_MEDIA.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(CLOUDEVENTS_MEDIA))
+}
+
+/// The size of an envelope's CloudEvents metadata as [`MAX_METADATA_BYTES`]
+/// bounds it: each attribute's name and value plus 20 bytes, the retry and
+/// dead-letter metadata excepted.
+pub fn metadata_bytes(env: &Envelope) -> usize {
+    let attribute = |name: &str, value: usize| ATTRIBUTE_OVERHEAD + name.len() + value;
+    let mut n = attribute(attr::SPECVERSION, 3)
+        + attribute(attr::ID, env.id.as_str().len())
+        + attribute(attr::TYPE, env.event_type.len())
+        + attribute(attr::SOURCE, env.source.len())
+        + attribute(attr::DATACONTENTTYPE, env.content_type.len())
+        + attribute(attr::ATTEMPT, 10);
+    if env.time.is_some() {
+        // The longest RFC 3339 form postbox writes.
+        n += attribute(attr::TIME, 30);
+    }
+    let optional = [
+        (attr::SUBJECT, env.subject.as_deref()),
+        (attr::DATAVERSION, env.schema_version.as_deref()),
+        (attr::CORRELATIONID, env.correlation_id.as_deref()),
+        (attr::CAUSATIONID, env.causation_id.as_deref()),
+        (attr::PARTITIONKEY, env.key.as_deref()),
+        (attr::TRACEPARENT, env.traceparent.as_deref()),
+        (attr::TRACESTATE, env.tracestate.as_deref()),
+    ];
+    for (name, value) in optional {
+        if let Some(v) = value {
+            n += attribute(name, v.len());
+        }
+    }
+    for (k, v) in &env.headers {
+        if !dlq::is_metadata(k) {
+            n += attribute(k, v.len());
+        }
+    }
+    n
+}
+
+fn check_metadata(env: &Envelope, kind: ErrorKind) -> Result<(), Error> {
+    let n = metadata_bytes(env);
+    if n > MAX_METADATA_BYTES {
+        return Err(Error::new(
+            kind,
+            format!(
+                "the CloudEvents metadata of message {} takes {n} bytes, more than the {MAX_METADATA_BYTES} bytes allowed (retry and dead-letter copies must fit in one AMQP header frame)",
+                env.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The size of the content-header frame payload that carries `props` (what
+/// the broker compares with `frame_max` less the 8 bytes of frame overhead).
+pub(crate) fn header_frame_size(props: &BasicProperties) -> usize {
+    let short = |s: &Option<ShortString>| s.as_ref().map_or(0, |s| 1 + s.as_str().len());
+    // class id, weight, body size, property flags
+    12 + 2
+        + short(props.content_type())
+        + short(props.content_encoding())
+        + props.headers().as_ref().map_or(0, table_size)
+        + props.delivery_mode().map_or(0, |_| 1)
+        + props.priority().map_or(0, |_| 1)
+        + short(props.correlation_id())
+        + short(props.reply_to())
+        + short(props.expiration())
+        + short(props.message_id())
+        + props.timestamp().map_or(0, |_| 8)
+        + short(props.kind())
+        + short(props.user_id())
+        + short(props.app_id())
+        + short(props.cluster_id())
+}
+
+/// The encoded size of a field table: its length prefix and entries.
+fn table_size(t: &FieldTable) -> usize {
+    4 + t
+        .inner()
+        .iter()
+        .map(|(k, v)| 1 + k.as_str().len() + value_size(v))
+        .sum::<usize>()
+}
+
+/// The encoded size of a field value: its type tag and payload.
+fn value_size(v: &AMQPValue) -> usize {
+    1 + match v {
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.len(),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_size).sum::<usize>(),
+        AMQPValue::FieldTable(t) => table_size(t),
+        AMQPValue::Void => 0,
+    }
 }
 
 /// A header as an unsigned integer (any integer type, or a numeric string).
@@ -163,7 +356,9 @@ pub(crate) fn header_u64(props: &BasicProperties, name: &str) -> Option<u64> {
         AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
         AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
         AMQPValue::Timestamp(n) => Some(*n),
-        other => value_text(other)?.trim().parse().ok(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        _ => None,
     }
 }
 
@@ -178,31 +373,193 @@ pub(crate) struct WireInfo<'a> {
     pub(crate) queue: &'a str,
 }
 
-/// Decodes a received message. Messages without CloudEvents headers are foreign
-/// and get a synthesized envelope; malformed CloudEvents headers are a `Decode` error.
+/// Decodes a received message (see the module docs): a CloudEvent in
+/// structured or binary mode, or a foreign message. A message that carries
+/// CloudEvents markers but breaks the format is a `Decode` error naming what
+/// is wrong.
 pub(crate) fn decode(
     props: &BasicProperties,
     body: Bytes,
     info: WireInfo<'_>,
     foreign_type: &str,
 ) -> Result<Envelope, Error> {
-    let mut attrs: Vec<(String, String)> = Vec::new();
-    if let Some(headers) = props.headers() {
-        for (k, v) in headers.inner() {
-            let name = DECODE_PREFIXES
-                .iter()
-                .find_map(|p| binary::strip_prefix(k.as_str(), p));
-            if let Some(name) = name {
-                if let Some(text) = value_text(v) {
-                    attrs.push((name.to_string(), text.into_owned()));
-                }
+    let content_type = props
+        .content_type()
+        .as_ref()
+        .map(|c| c.as_str())
+        .filter(|c| !c.is_empty());
+    if let Some(ct) = content_type.filter(|ct| is_cloudevents_media(ct)) {
+        let essence = ct.split(';').next().unwrap_or_default().trim();
+        if !essence.eq_ignore_ascii_case(CLOUDEVENTS_JSON) {
+            return Err(decode_error(format!(
+                "content type `{ct}` names a CloudEvents event format this adapter does not read (it reads {CLOUDEVENTS_JSON})"
+            )));
+        }
+        let env = structured::decode(&body)?;
+        check_metadata(&env, ErrorKind::Decode)?;
+        return Ok(env);
+    }
+    let Some(headers) = props.headers().as_ref() else {
+        return Ok(foreign_envelope(props, body, info, foreign_type));
+    };
+    let mut marked = false;
+    let mut attrs: Vec<(&str, Cow<'_, str>)> = Vec::with_capacity(headers.inner().len() + 1);
+    for (k, v) in headers.inner() {
+        let header = k.as_str();
+        let Some(name) = DECODE_PREFIXES
+            .iter()
+            .find_map(|p| binary::strip_prefix(header, p))
+        else {
+            continue;
+        };
+        marked = true;
+        if let Some(value) = attribute_value(header, name, v)? {
+            attrs.push((name, value));
+        }
+    }
+    if !marked {
+        return Ok(foreign_envelope(props, body, info, foreign_type));
+    }
+    if let Some(ct) = content_type {
+        // The binding maps `datacontenttype` to the property; pushed last,
+        // it wins over a header of the same attribute.
+        attrs.push((attr::DATACONTENTTYPE, Cow::Borrowed(ct)));
+    }
+    let env = binary::decode(attrs.iter().map(|(k, v)| (*k, v.as_ref())), body)?;
+    check_metadata(&env, ErrorKind::Decode)?;
+    Ok(env)
+}
+
+/// The CloudEvents type an attribute is read in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttrType {
+    /// A string (or URI, URI-reference): AMQP strings only.
+    Text,
+    /// `time`: an AMQP timestamp or an RFC 3339 string.
+    Time,
+    /// `attempt`: an AMQP integer or a decimal string.
+    Integer,
+    /// Any extension: string, integer, boolean or timestamp.
+    Extension,
+}
+
+impl AttrType {
+    fn of(name: &str) -> AttrType {
+        match name {
+            attr::TIME => AttrType::Time,
+            attr::ATTEMPT => AttrType::Integer,
+            attr::SPECVERSION
+            | attr::ID
+            | attr::TYPE
+            | attr::SOURCE
+            | attr::DATACONTENTTYPE
+            | attr::SUBJECT
+            | attr::DATAVERSION
+            | attr::CORRELATIONID
+            | attr::CAUSATIONID
+            | attr::PARTITIONKEY
+            | attr::TRACEPARENT
+            | attr::TRACESTATE
+            | "dataschema" => AttrType::Text,
+            _ => AttrType::Extension,
+        }
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            AttrType::Text => "a string is expected",
+            AttrType::Time => "a timestamp or an RFC 3339 string is expected",
+            AttrType::Integer => "an integer or a decimal string is expected",
+            AttrType::Extension => {
+                "a string, integer, boolean or timestamp is expected (CloudEvents has no other type)"
             }
         }
     }
-    if attrs.is_empty() {
-        return Ok(foreign_envelope(props, body, info, foreign_type));
+}
+
+/// The AMQP type of a value, for error messages.
+fn amqp_type(v: &AMQPValue) -> &'static str {
+    match v {
+        AMQPValue::Boolean(_) => "boolean",
+        AMQPValue::ShortShortInt(_)
+        | AMQPValue::ShortShortUInt(_)
+        | AMQPValue::ShortInt(_)
+        | AMQPValue::ShortUInt(_)
+        | AMQPValue::LongInt(_)
+        | AMQPValue::LongUInt(_)
+        | AMQPValue::LongLongInt(_) => "integer",
+        AMQPValue::Float(_) | AMQPValue::Double(_) => "floating-point number",
+        AMQPValue::DecimalValue(_) => "decimal",
+        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => "string",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "byte array",
+        AMQPValue::Void => "void",
     }
-    binary::decode(attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())), body)
+}
+
+/// An integer value in decimal, if it is one.
+fn integer_text(v: &AMQPValue) -> Option<String> {
+    Some(match v {
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        _ => return None,
+    })
+}
+
+/// An AMQP timestamp (seconds) in RFC 3339; `None` out of range.
+fn timestamp_text(secs: u64) -> Option<String> {
+    let t = UNIX_EPOCH.checked_add(Duration::from_secs(secs))?;
+    format_time(t).ok()
+}
+
+/// The value of the attribute `name` (header `header`) in its canonical
+/// string form; `None` for an AMQP void (no value). A value of another type,
+/// or bytes that are not UTF-8, is a decode error naming the header.
+fn attribute_value<'a>(
+    header: &str,
+    name: &str,
+    v: &'a AMQPValue,
+) -> Result<Option<Cow<'a, str>>, Error> {
+    let ty = AttrType::of(name);
+    let utf8 = |bytes: &'a [u8]| {
+        std::str::from_utf8(bytes)
+            .map(|s| Some(Cow::Borrowed(s)))
+            .map_err(|e| decode_error(format!("`{header}` is not UTF-8 text")).with_source(e))
+    };
+    match v {
+        AMQPValue::Void => Ok(None),
+        AMQPValue::LongString(s) => utf8(s.as_bytes()),
+        AMQPValue::ByteArray(b) => utf8(b.as_slice()),
+        AMQPValue::ShortString(s) => Ok(Some(Cow::Borrowed(s.as_str()))),
+        AMQPValue::Timestamp(secs) if matches!(ty, AttrType::Time | AttrType::Extension) => {
+            match timestamp_text(*secs) {
+                Some(t) => Ok(Some(Cow::Owned(t))),
+                None => Err(decode_error(format!(
+                    "`{header}` is a timestamp out of range ({secs} s)"
+                ))),
+            }
+        }
+        AMQPValue::Boolean(b) if ty == AttrType::Extension => {
+            Ok(Some(Cow::Borrowed(if *b { "true" } else { "false" })))
+        }
+        other => match integer_text(other) {
+            Some(n) if matches!(ty, AttrType::Integer | AttrType::Extension) => {
+                Ok(Some(Cow::Owned(n)))
+            }
+            _ => Err(decode_error(format!(
+                "`{header}` is an AMQP {}: {}",
+                amqp_type(other),
+                ty.expected()
+            ))),
+        },
+    }
 }
 
 /// The envelope of a message postbox did not produce (see the module docs).
@@ -212,10 +569,6 @@ pub(crate) fn foreign_envelope(
     info: WireInfo<'_>,
     foreign_type: &str,
 ) -> Envelope {
-    let id = match props.message_id() {
-        Some(id) if !id.as_str().is_empty() => MessageId::from(id.as_str()),
-        _ => MessageId::from(content_id(props, &body, info)),
-    };
     let event_type = props
         .kind()
         .as_ref()
@@ -228,7 +581,7 @@ pub(crate) fn foreign_envelope(
         .map(|a| a.as_str().to_string())
         .filter(|a| !a.is_empty())
         .unwrap_or_else(|| format!("rabbitmq:{}", info.queue));
-    let mut f = foreign::Foreign::new(id, source);
+    let mut f = foreign::Foreign::new(message_id(props, &body, info), source);
     f.event_type = Cow::Owned(event_type);
     f.content_type = props
         .content_type()
@@ -240,6 +593,340 @@ pub(crate) fn foreign_envelope(
         .map(|s| UNIX_EPOCH + Duration::from_secs(s));
     env.correlation_id = props.correlation_id().as_ref().map(|c| c.to_string());
     env
+}
+
+/// The `message_id` property, or else the content id.
+fn message_id(props: &BasicProperties, body: &[u8], info: WireInfo<'_>) -> MessageId {
+    match props.message_id() {
+        Some(id) if !id.as_str().is_empty() => MessageId::from(id.as_str()),
+        _ => MessageId::from(content_id(props, body, info)),
+    }
+}
+
+/// The envelope of an undecodable message: what arrived, so the runtime can
+/// dead-letter it through the consumer's router and the DLQ shows it.
+///
+/// * payload = the body, byte for byte; content type
+///   `application/octet-stream` (the original is `amqp:content-type`);
+/// * id = the `message_id` property, or else `amqp-<hash>` (as a foreign
+///   message); type = [`UNDECODABLE_TYPE`]; source = `rabbitmq:<queue>`;
+/// * every AMQP header as an envelope header under its own name, its value as
+///   text: strings as they are, integers and booleans in decimal /
+///   `true`/`false`, timestamps in RFC 3339, arrays and tables as JSON; a
+///   value that is not UTF-8 goes base64-encoded under `amqp:base64:<name>`,
+///   and a name that cannot be an envelope header (a reserved attribute name
+///   such as `id`, the `amqp:` namespace, longer than 243 bytes) goes under
+///   `amqp:header:<name>` (cut to 243 bytes);
+/// * every AMQP property as `amqp:<name>` (`amqp:content-type`,
+///   `amqp:message-id`, `amqp:timestamp` in seconds, …);
+/// * the whole stays within `max_metadata` ([`undecodable_budget`]), so its
+///   dead-letter copy can always be published: headers that do not fit are
+///   left out and `amqp:omitted` says how many and how large they were.
+pub(crate) fn undecodable_envelope(
+    props: &BasicProperties,
+    body: Bytes,
+    info: WireInfo<'_>,
+    max_metadata: usize,
+) -> Envelope {
+    let mut f = foreign::Foreign::new(
+        message_id(props, &body, info),
+        format!("rabbitmq:{}", info.queue),
+    );
+    f.event_type = Cow::Borrowed(UNDECODABLE_TYPE);
+    f.content_type = Some(Cow::Borrowed("application/octet-stream"));
+    let mut env = foreign::envelope(f, body);
+    // Room for the `amqp:omitted` note.
+    const NOTE: usize = 200;
+    let mut room = max_metadata.saturating_sub(metadata_bytes(&env) + NOTE);
+    let (mut omitted, mut omitted_bytes) = (0usize, 0usize);
+    let mut carry = |env: &mut Envelope, name: String, value: String| {
+        let size = ATTRIBUTE_OVERHEAD + name.len() + value.len();
+        if size <= room {
+            room -= size;
+            env.headers.insert(name, value);
+        } else {
+            omitted += 1;
+            omitted_bytes += size;
+        }
+    };
+    for (name, value) in property_entries(props) {
+        carry(&mut env, format!("{PROPERTY_PREFIX}{name}"), value);
+    }
+    if let Some(headers) = props.headers() {
+        for (k, v) in headers.inner() {
+            let (name, value) = match render(v) {
+                Rendered::Text(text) => (carried_name(k.as_str(), None), text.into_owned()),
+                Rendered::Base64(b64) => (carried_name(k.as_str(), Some(RAW_BASE64_PREFIX)), b64),
+            };
+            carry(&mut env, name, value);
+        }
+    }
+    if omitted > 0 {
+        env.headers.insert(
+            RAW_OMITTED.to_string(),
+            format!("{omitted} headers ({omitted_bytes} bytes) over the {max_metadata}-byte metadata limit"),
+        );
+    }
+    env
+}
+
+/// What a dead-letter copy adds to an undecodable envelope's headers at
+/// most: the dead-letter metadata (`dlqerror` up to 1 KiB) and the native
+/// properties.
+const COPY_RESERVE: usize = 2560;
+
+/// The metadata an undecodable envelope may carry so that its dead-letter
+/// copy fits in one frame of a connection with `frame_max` (0: no limit).
+pub(crate) fn undecodable_budget(frame_max: u32) -> usize {
+    if frame_max == 0 {
+        return MAX_METADATA_BYTES;
+    }
+    let room = usize::try_from(frame_max)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(8 + COPY_RESERVE);
+    room.min(MAX_METADATA_BYTES)
+}
+
+/// The envelope header name an AMQP header is carried under.
+fn carried_name(name: &str, namespace: Option<&str>) -> String {
+    let namespace = match namespace {
+        Some(ns) => ns,
+        None if is_reserved(name)
+            || name.starts_with(PROPERTY_PREFIX)
+            || name.len() > MAX_CARRIED_NAME =>
+        {
+            RAW_HEADER_PREFIX
+        }
+        None => return name.to_string(),
+    };
+    let mut carried = format!("{namespace}{name}");
+    if carried.len() > MAX_CARRIED_NAME {
+        let mut end = MAX_CARRIED_NAME;
+        while !carried.is_char_boundary(end) {
+            end -= 1;
+        }
+        carried.truncate(end);
+    }
+    carried
+}
+
+/// The AMQP properties of a message as `(AMQP 0-9-1 name, text)`.
+fn property_entries(props: &BasicProperties) -> Vec<(&'static str, String)> {
+    let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_string());
+    let entries = [
+        ("content-type", text(props.content_type())),
+        ("content-encoding", text(props.content_encoding())),
+        (
+            "delivery-mode",
+            props.delivery_mode().map(|n| n.to_string()),
+        ),
+        ("priority", props.priority().map(|n| n.to_string())),
+        ("correlation-id", text(props.correlation_id())),
+        ("reply-to", text(props.reply_to())),
+        ("expiration", text(props.expiration())),
+        ("message-id", text(props.message_id())),
+        ("timestamp", props.timestamp().map(|n| n.to_string())),
+        ("type", text(props.kind())),
+        ("user-id", text(props.user_id())),
+        ("app-id", text(props.app_id())),
+        ("cluster-id", text(props.cluster_id())),
+    ];
+    entries
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+        .collect()
+}
+
+/// A header value of an undecodable message as envelope text.
+enum Rendered<'a> {
+    /// Text that stands for the value.
+    Text(Cow<'a, str>),
+    /// Bytes that are not UTF-8, base64-encoded.
+    Base64(String),
+}
+
+fn render(v: &AMQPValue) -> Rendered<'_> {
+    let bytes = |b: &[u8]| match std::str::from_utf8(b) {
+        Ok(s) => Rendered::Text(Cow::Owned(s.to_string())),
+        Err(_) => Rendered::Base64(base64::engine::general_purpose::STANDARD.encode(b)),
+    };
+    Rendered::Text(match v {
+        AMQPValue::LongString(s) => return bytes(s.as_bytes()),
+        AMQPValue::ByteArray(b) => return bytes(b.as_slice()),
+        AMQPValue::ShortString(s) => Cow::Borrowed(s.as_str()),
+        AMQPValue::Boolean(b) => Cow::Borrowed(if *b { "true" } else { "false" }),
+        AMQPValue::Timestamp(secs) => {
+            Cow::Owned(timestamp_text(*secs).unwrap_or_else(|| secs.to_string()))
+        }
+        AMQPValue::Float(f) => Cow::Owned(f.to_string()),
+        AMQPValue::Double(f) => Cow::Owned(f.to_string()),
+        AMQPValue::DecimalValue(d) => Cow::Owned(decimal_text(*d)),
+        AMQPValue::Void => Cow::Borrowed(""),
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) => Cow::Owned(json(v).to_string()),
+        other => Cow::Owned(integer_text(other).unwrap_or_default()),
+    })
+}
+
+/// An AMQP decimal (`value` × 10^-`scale`) in decimal notation.
+fn decimal_text(d: DecimalValue) -> String {
+    let digits = d.value.to_string();
+    let scale = usize::from(d.scale);
+    if scale == 0 {
+        return digits;
+    }
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (int, frac) = padded.split_at(padded.len() - scale);
+    format!("{int}.{frac}")
+}
+
+/// An AMQP value as JSON (nested values of undecodable messages).
+fn json(v: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    let bytes = |b: &[u8]| match std::str::from_utf8(b) {
+        Ok(s) => Value::String(s.to_string()),
+        Err(_) => serde_json::json!({
+            "base64": base64::engine::general_purpose::STANDARD.encode(b)
+        }),
+    };
+    match v {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(n) => Value::from(*n),
+        AMQPValue::ShortShortUInt(n) => Value::from(*n),
+        AMQPValue::ShortInt(n) => Value::from(*n),
+        AMQPValue::ShortUInt(n) => Value::from(*n),
+        AMQPValue::LongInt(n) => Value::from(*n),
+        AMQPValue::LongUInt(n) => Value::from(*n),
+        AMQPValue::LongLongInt(n) => Value::from(*n),
+        AMQPValue::Float(f) => Value::from(f64::from(*f)),
+        AMQPValue::Double(f) => Value::from(*f),
+        AMQPValue::DecimalValue(d) => Value::String(decimal_text(*d)),
+        AMQPValue::ShortString(s) => Value::String(s.as_str().to_string()),
+        AMQPValue::LongString(s) => bytes(s.as_bytes()),
+        AMQPValue::ByteArray(b) => bytes(b.as_slice()),
+        AMQPValue::Timestamp(secs) => timestamp_text(*secs)
+            .map(Value::String)
+            .unwrap_or_else(|| Value::from(*secs)),
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(json).collect()),
+        AMQPValue::FieldTable(t) => Value::Object(
+            t.inner()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), json(v)))
+                .collect(),
+        ),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+/// The AMQP message an undecodable envelope came from (the inverse of
+/// [`undecodable_envelope`], up to what text keeps: values go back as long
+/// strings): properties from the `amqp:<property>` headers — except
+/// `user-id`, which RabbitMQ refuses from any other user — and headers from
+/// the rest, the dead-letter and retry metadata left out. Persistent unless
+/// the original said otherwise.
+pub(crate) fn restore_undecodable(env: &Envelope) -> Result<Encoded, Error> {
+    let mut headers = FieldTable::default();
+    let mut props = BasicProperties::default();
+    for (k, v) in &env.headers {
+        if dlq::is_metadata(k) || k == RAW_OMITTED {
+            continue;
+        }
+        let (name, value) = if let Some(name) = k.strip_prefix(RAW_BASE64_PREFIX) {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v)
+                .map_err(|e| {
+                    Error::new(ErrorKind::Encode, format!("`{k}` is not base64")).with_source(e)
+                })?;
+            (name, LongString::from(bytes))
+        } else if let Some(name) = k.strip_prefix(RAW_HEADER_PREFIX) {
+            (name, LongString::from(v.as_str()))
+        } else if let Some(name) = k.strip_prefix(PROPERTY_PREFIX) {
+            props = restore_property(props, name, v)?;
+            continue;
+        } else {
+            (k.as_str(), LongString::from(v.as_str()))
+        };
+        headers.insert(short("header name", name)?, AMQPValue::LongString(value));
+    }
+    if props.delivery_mode().is_none() {
+        props = props.with_delivery_mode(2);
+    }
+    Ok(Encoded {
+        properties: props.with_headers(headers),
+        body: env.payload.clone(),
+    })
+}
+
+fn restore_property(
+    props: BasicProperties,
+    name: &str,
+    value: &str,
+) -> Result<BasicProperties, Error> {
+    let invalid = |e: Option<Box<dyn std::error::Error + Send + Sync>>| {
+        let error = Error::new(
+            ErrorKind::Encode,
+            format!("`{PROPERTY_PREFIX}{name}` = {value:?} is not a valid AMQP property"),
+        );
+        match e {
+            Some(e) => error.with_source(e),
+            None => error,
+        }
+    };
+    let s = || short(name, value);
+    Ok(match name {
+        "content-type" => props.with_content_type(s()?),
+        "content-encoding" => props.with_content_encoding(s()?),
+        "delivery-mode" => {
+            props.with_delivery_mode(value.parse().map_err(|e| invalid(Some(Box::new(e))))?)
+        }
+        "priority" => props.with_priority(value.parse().map_err(|e| invalid(Some(Box::new(e))))?),
+        "correlation-id" => props.with_correlation_id(s()?),
+        "reply-to" => props.with_reply_to(s()?),
+        "expiration" => props.with_expiration(s()?),
+        "message-id" => props.with_message_id(s()?),
+        "timestamp" => props.with_timestamp(value.parse().map_err(|e| invalid(Some(Box::new(e))))?),
+        "type" => props.with_type(s()?),
+        "app-id" => props.with_app_id(s()?),
+        "cluster-id" => props.with_cluster_id(s()?),
+        "user-id" => props,
+        _ => return Err(invalid(None)),
+    })
+}
+
+/// The queue a message was dead-lettered from by the broker: the `queue` of
+/// the most recent `x-death` entry.
+pub(crate) fn death_queue(props: &BasicProperties) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(last) = deaths.as_slice().first()? else {
+        return None;
+    };
+    match last.inner().get("queue")? {
+        AMQPValue::LongString(q) => std::str::from_utf8(q.as_bytes()).ok().map(str::to_string),
+        AMQPValue::ShortString(q) => Some(q.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// The properties of a broker-dead-lettered message without what the broker
+/// added (`x-death`, `x-first-death-*`, `x-last-death-*`, `x-delivery-count`).
+pub(crate) fn without_death(props: &BasicProperties) -> BasicProperties {
+    let Some(headers) = props.headers() else {
+        return props.clone();
+    };
+    let mut kept = FieldTable::default();
+    for (k, v) in headers.inner() {
+        let name = k.as_str();
+        let added = name == "x-death"
+            || name == DELIVERY_COUNT
+            || name.starts_with("x-first-death-")
+            || name.starts_with("x-last-death-");
+        if !added {
+            kept.insert(k.clone(), v.clone());
+        }
+    }
+    props.clone().with_headers(kept)
 }
 
 /// `amqp-<16 hex digits>`: FNV-1a over what identifies one message.
@@ -297,6 +984,7 @@ pub(crate) fn attempt(env_attempt: u32, props: &BasicProperties, redelivered: bo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::FieldArray;
 
     fn sample() -> Envelope {
         Envelope::builder("order.placed")
@@ -319,47 +1007,266 @@ mod tests {
         }
     }
 
+    fn text(s: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s))
+    }
+
+    /// Properties of a binary-mode event with the required attributes plus `extra`.
+    fn binary_props(extra: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut t = FieldTable::default();
+        t.insert("cloudEvents:specversion".into(), text("1.0"));
+        t.insert("cloudEvents:id".into(), text("e-1"));
+        t.insert("cloudEvents:type".into(), text("t"));
+        t.insert("cloudEvents:source".into(), text("/s"));
+        for (k, v) in extra {
+            t.insert((*k).into(), v.clone());
+        }
+        BasicProperties::default().with_headers(t)
+    }
+
+    fn round_trip(encoded: &Encoded) -> Envelope {
+        decode(&encoded.properties, encoded.body.clone(), info(), "x").unwrap()
+    }
+
     #[test]
-    fn round_trip_with_every_prefix() {
-        for prefix in [
-            HeaderPrefix::CloudEvents,
-            HeaderPrefix::CloudEventsUnderscore,
-            HeaderPrefix::Ce,
-        ] {
+    fn round_trip_with_every_prefix_and_both_modes() {
+        let modes = [
+            (HeaderPrefix::CloudEvents, ContentMode::Binary),
+            (HeaderPrefix::CloudEventsUnderscore, ContentMode::Binary),
+            (HeaderPrefix::Ce, ContentMode::Binary),
+            (HeaderPrefix::CloudEvents, ContentMode::Structured),
+        ];
+        for (prefix, mode) in modes {
             let env = sample();
-            let props = encode(&env, prefix).unwrap();
-            let back = decode(&props, env.payload.clone(), info(), "x").unwrap();
-            assert_eq!(back.id, env.id);
-            assert_eq!(back.event_type, env.event_type);
-            assert_eq!(back.source, env.source);
-            assert_eq!(back.key, env.key);
-            assert_eq!(back.headers, env.headers);
-            assert_eq!(back.payload, env.payload);
-            assert_eq!(back.time, env.time);
-            assert_eq!(back.subject, env.subject);
-            assert_eq!(back.schema_version, env.schema_version);
+            let back = round_trip(&encode(&env, prefix, mode).unwrap());
+            assert_eq!(back, env, "{prefix:?} {mode:?}");
         }
     }
 
     #[test]
-    fn native_properties_are_filled() {
+    fn native_properties_are_filled_in_both_modes() {
         let env = sample();
-        let props = encode(&env, HeaderPrefix::CloudEvents).unwrap();
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            let props = encode(&env, HeaderPrefix::CloudEvents, mode)
+                .unwrap()
+                .properties;
+            assert_eq!(
+                props.message_id().as_ref().unwrap().as_str(),
+                env.id.as_str()
+            );
+            assert_eq!(props.kind().as_ref().unwrap().as_str(), "order.placed");
+            assert_eq!(props.app_id().as_ref().unwrap().as_str(), "shop");
+            assert_eq!(props.delivery_mode(), &Some(2));
+            assert_eq!(props.correlation_id().as_ref().unwrap().as_str(), "c-1");
+            assert!(props.timestamp().is_some());
+        }
+        let binary = encode(&env, HeaderPrefix::CloudEvents, ContentMode::Binary).unwrap();
         assert_eq!(
-            props.message_id().as_ref().unwrap().as_str(),
-            env.id.as_str()
-        );
-        assert_eq!(props.kind().as_ref().unwrap().as_str(), "order.placed");
-        assert_eq!(props.delivery_mode(), &Some(2));
-        assert_eq!(props.correlation_id().as_ref().unwrap().as_str(), "c-1");
-        assert_eq!(
-            props.content_type().as_ref().unwrap().as_str(),
+            binary.properties.content_type().as_ref().unwrap().as_str(),
             "application/octet-stream"
         );
-        assert!(props.timestamp().is_some());
-        let h = props.headers().as_ref().unwrap();
+        assert_eq!(binary.body, env.payload);
+        let h = binary.properties.headers().as_ref().unwrap();
         assert!(h.contains_key("cloudEvents:id"));
         assert!(h.contains_key("cloudEvents:tenant"));
+        let structured = encode(&env, HeaderPrefix::CloudEvents, ContentMode::Structured).unwrap();
+        assert_eq!(
+            structured
+                .properties
+                .content_type()
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            STRUCTURED_CONTENT_TYPE
+        );
+        assert!(structured.properties.headers().is_none());
+        assert_eq!(
+            structured::decode(&structured.body).unwrap(),
+            env,
+            "the body is the event"
+        );
+    }
+
+    #[test]
+    fn a_binary_message_never_looks_structured() {
+        let env = Envelope::builder("t")
+            .content_type("application/cloudevents+json")
+            .payload(r#"{"specversion":"1.0"}"#)
+            .build();
+        let encoded = encode(&env, HeaderPrefix::CloudEvents, ContentMode::Binary).unwrap();
+        assert!(encoded.properties.content_type().is_none());
+        let back = round_trip(&encoded);
+        assert_eq!(back.content_type, "application/cloudevents+json");
+        assert_eq!(back.payload, env.payload);
+    }
+
+    #[test]
+    fn structured_mode_is_chosen_by_content_type() {
+        let env = sample();
+        let body = Bytes::from(structured::encode(&env).unwrap());
+        for ct in [
+            "application/cloudevents+json",
+            "Application/CloudEvents+JSON; charset=UTF-8",
+        ] {
+            let props = BasicProperties::default().with_content_type(ct.into());
+            assert_eq!(
+                decode(&props, body.clone(), info(), "x").unwrap(),
+                env,
+                "{ct}"
+            );
+        }
+        // Attribute headers do not matter in structured mode.
+        let props = binary_props(&[]).with_content_type("application/cloudevents+json".into());
+        assert_eq!(
+            decode(&props, body.clone(), info(), "x").unwrap().id,
+            env.id
+        );
+        for (ct, body) in [
+            ("application/cloudevents+json", Bytes::new()),
+            (
+                "application/cloudevents+json",
+                Bytes::from_static(b"garbage"),
+            ),
+            (
+                "application/cloudevents+json",
+                Bytes::from_static(b"{\"a\":1}"),
+            ),
+            ("application/cloudevents-batch+json", body.clone()),
+            ("application/cloudevents+avro", body),
+        ] {
+            let props = BasicProperties::default().with_content_type(ct.into());
+            let e = decode(&props, body.clone(), info(), "x").unwrap_err();
+            assert_eq!(e.kind(), &ErrorKind::Decode, "{ct}");
+        }
+    }
+
+    #[test]
+    fn the_content_type_property_is_the_datacontenttype() {
+        let props = binary_props(&[]).with_content_type("text/plain; charset=utf-8".into());
+        let env = decode(&props, Bytes::from_static(b"hi"), info(), "x").unwrap();
+        assert_eq!(env.content_type, "text/plain; charset=utf-8");
+        // The property wins over a header of the same attribute.
+        let props = binary_props(&[("cloudEvents:datacontenttype", text("application/xml"))])
+            .with_content_type("text/plain".into());
+        assert_eq!(
+            decode(&props, Bytes::new(), info(), "x")
+                .unwrap()
+                .content_type,
+            "text/plain"
+        );
+        let props = binary_props(&[("cloudEvents:datacontenttype", text("application/xml"))]);
+        assert_eq!(
+            decode(&props, Bytes::new(), info(), "x")
+                .unwrap()
+                .content_type,
+            "application/xml"
+        );
+    }
+
+    #[test]
+    fn typed_attributes_accept_native_and_string_forms() {
+        let props = binary_props(&[
+            ("cloudEvents:time", AMQPValue::Timestamp(1_700_000_000)),
+            ("cloudEvents:attempt", AMQPValue::ShortShortUInt(4)),
+            ("cloudEvents:n", AMQPValue::LongLongInt(-7)),
+            ("cloudEvents:flag", AMQPValue::Boolean(false)),
+            ("cloudEvents:at", AMQPValue::Timestamp(0)),
+            ("cloudEvents:nothing", AMQPValue::Void),
+            (
+                "cloudEvents:raw",
+                AMQPValue::ByteArray(b"utf8 bytes".to_vec().into()),
+            ),
+        ]);
+        let env = decode(&props, Bytes::new(), info(), "x").unwrap();
+        assert_eq!(
+            env.time,
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        assert_eq!(env.attempt, 4);
+        assert_eq!(env.headers["n"], "-7");
+        assert_eq!(env.headers["flag"], "false");
+        assert_eq!(env.headers["at"], "1970-01-01T00:00:00Z");
+        assert_eq!(env.headers["raw"], "utf8 bytes");
+        assert!(!env.headers.contains_key("nothing"));
+        let strings = binary_props(&[
+            ("cloudEvents:time", text("2023-11-14T22:13:20Z")),
+            ("cloudEvents:attempt", text("4")),
+        ]);
+        let env = decode(&strings, Bytes::new(), info(), "x").unwrap();
+        assert_eq!(
+            env.time,
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        assert_eq!(env.attempt, 4);
+    }
+
+    #[test]
+    fn lossy_or_mistyped_values_are_decode_errors_naming_the_header() {
+        let not_utf8 = vec![b'a', 0xff, 0xfe];
+        let cases: Vec<(&str, AMQPValue)> = vec![
+            (
+                "cloudEvents:id",
+                AMQPValue::LongString(LongString::from(not_utf8.clone())),
+            ),
+            (
+                "cloudEvents:id",
+                AMQPValue::ByteArray(not_utf8.clone().into()),
+            ),
+            (
+                "cloudEvents:tenant",
+                AMQPValue::LongString(LongString::from(not_utf8)),
+            ),
+            (
+                "cloudEvents:time",
+                AMQPValue::FieldArray(FieldArray::from(vec![text("x")])),
+            ),
+            ("cloudEvents:time", AMQPValue::LongInt(1_700_000_000)),
+            ("cloudEvents:time", AMQPValue::Timestamp(u64::MAX)),
+            ("cloudEvents:time", text("yesterday")),
+            ("cloudEvents:id", AMQPValue::LongInt(7)),
+            ("cloudEvents:attempt", AMQPValue::Boolean(true)),
+            ("cloudEvents:attempt", AMQPValue::LongInt(0)),
+            ("cloudEvents:score", AMQPValue::Double(0.5)),
+            (
+                "cloudEvents:nested",
+                AMQPValue::FieldTable(FieldTable::default()),
+            ),
+            ("cloudEvents:specversion", text("0.3")),
+        ];
+        for (header, value) in cases {
+            let props = binary_props(&[(header, value.clone())]);
+            let e = decode(&props, Bytes::new(), info(), "x").unwrap_err();
+            assert_eq!(e.kind(), &ErrorKind::Decode, "{header} = {value:?}");
+            let named = e.message().contains(header)
+                || e.message()
+                    .contains(header.trim_start_matches("cloudEvents:"));
+            assert!(named, "{header} = {value:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn metadata_over_the_limit_is_refused_both_ways() {
+        let mut env = Envelope::new("t", "{}");
+        env.headers
+            .insert("big".into(), "x".repeat(MAX_METADATA_BYTES));
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            let e = encode(&env, HeaderPrefix::CloudEvents, mode).unwrap_err();
+            assert_eq!(e.kind(), &ErrorKind::Encode);
+        }
+        let props = binary_props(&[("cloudEvents:big", text(&"x".repeat(MAX_METADATA_BYTES)))]);
+        let e = decode(&props, Bytes::new(), info(), "x").unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::Decode);
+        assert!(e.message().contains("metadata"), "{e}");
+        // Retry and dead-letter metadata is not counted: a copy fits
+        // wherever its original did.
+        let mut near = Envelope::new("t", "{}");
+        let fill = MAX_METADATA_BYTES - metadata_bytes(&near) - ATTRIBUTE_OVERHEAD - 3;
+        near.headers.insert("big".into(), "x".repeat(fill));
+        assert_eq!(metadata_bytes(&near), MAX_METADATA_BYTES);
+        near.headers.insert(dlq::ERROR.into(), "e".repeat(1024));
+        near.headers.insert(dlq::REASON.into(), "decode".into());
+        let encoded = encode(&near, HeaderPrefix::CloudEvents, ContentMode::Binary).unwrap();
+        assert_eq!(round_trip(&encoded), near);
     }
 
     #[test]
@@ -377,9 +1284,14 @@ mod tests {
             .clone()
             .with_message_id("m-7".into())
             .with_type("t".into());
-        let c = decode(&with_id, body, info(), "legacy.event").unwrap();
+        let c = decode(&with_id, body.clone(), info(), "legacy.event").unwrap();
         assert_eq!(c.id.as_str(), "m-7");
         assert_eq!(c.event_type, "t");
+        // Headers without a CloudEvents prefix leave a message foreign.
+        let mut other = FieldTable::default();
+        other.insert("x-custom".into(), text("v"));
+        let d = decode(&props.with_headers(other), body, info(), "legacy.event").unwrap();
+        assert_eq!(d.event_type, "legacy.event");
     }
 
     #[test]
@@ -390,6 +1302,208 @@ mod tests {
         let props = BasicProperties::default().with_headers(table);
         let e = decode(&props, Bytes::new(), info(), "x").unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::Decode);
+        // A marker whose value is void still marks the message.
+        let mut table = FieldTable::default();
+        table.insert("cloudEvents:id".into(), AMQPValue::Void);
+        let props = BasicProperties::default().with_headers(table);
+        assert_eq!(
+            decode(&props, Bytes::new(), info(), "x")
+                .unwrap_err()
+                .kind(),
+            &ErrorKind::Decode
+        );
+    }
+
+    #[test]
+    fn undecodable_envelopes_carry_what_arrived_and_restore_it() {
+        let not_utf8 = vec![0xffu8, 0x00, 0xfe];
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), text("orders"));
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        let props = binary_props(&[
+            ("cloudEvents:specversion", text("9.9")),
+            ("cloudEvents:time", AMQPValue::Timestamp(1_700_000_000)),
+            (
+                "cloudEvents:bin",
+                AMQPValue::ByteArray(not_utf8.clone().into()),
+            ),
+            ("id", text("a reserved name")),
+            ("amqp:content-type", text("a header in the amqp: namespace")),
+            (
+                "x-death",
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+            ),
+            ("x-n", AMQPValue::ShortInt(-2)),
+            (
+                "x-d",
+                AMQPValue::DecimalValue(DecimalValue {
+                    scale: 3,
+                    value: 12,
+                }),
+            ),
+        ])
+        .with_content_type("application/x-thing".into())
+        .with_timestamp(1_600_000_000)
+        .with_delivery_mode(1)
+        .with_user_id("guest".into());
+        let body = Bytes::from_static(b"\x00body\xff");
+        let env = undecodable_envelope(&props, body.clone(), info(), MAX_METADATA_BYTES);
+        assert_eq!(env.payload, body);
+        assert_eq!(env.event_type, UNDECODABLE_TYPE);
+        assert_eq!(env.source, "rabbitmq:q");
+        assert!(env.id.as_str().starts_with("amqp-"));
+        assert_eq!(env.content_type, "application/octet-stream");
+        let h = &env.headers;
+        assert_eq!(h["cloudEvents:specversion"], "9.9");
+        assert_eq!(h["cloudEvents:id"], "e-1");
+        assert_eq!(h["cloudEvents:time"], "2023-11-14T22:13:20Z");
+        assert_eq!(
+            h["amqp:base64:cloudEvents:bin"],
+            base64::engine::general_purpose::STANDARD.encode(&not_utf8)
+        );
+        assert_eq!(h["amqp:header:id"], "a reserved name");
+        assert_eq!(
+            h["amqp:header:amqp:content-type"],
+            "a header in the amqp: namespace"
+        );
+        assert_eq!(h["x-death"], r#"[{"count":1,"queue":"orders"}]"#);
+        assert_eq!(h["x-n"], "-2");
+        assert_eq!(h["x-d"], "0.012");
+        assert_eq!(h["amqp:content-type"], "application/x-thing");
+        assert_eq!(h["amqp:timestamp"], "1600000000");
+        assert_eq!(h["amqp:delivery-mode"], "1");
+        // It can always be published (and read back) as a dead-letter copy.
+        let mut copy = env.clone();
+        copy.headers.insert(dlq::REASON.into(), "decode".into());
+        copy.headers.insert(dlq::ORIGIN.into(), "q".into());
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            let encoded = encode(&copy, HeaderPrefix::CloudEvents, mode).unwrap();
+            assert_eq!(round_trip(&encoded), copy, "{mode:?}");
+        }
+        let original = restore_undecodable(&copy).unwrap();
+        assert_eq!(original.body, body);
+        let p = &original.properties;
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/x-thing"
+        );
+        assert_eq!(p.timestamp(), &Some(1_600_000_000));
+        assert_eq!(p.delivery_mode(), &Some(1));
+        assert!(
+            p.user_id().is_none(),
+            "RabbitMQ refuses another user's user-id"
+        );
+        let headers = p.headers().as_ref().unwrap().inner();
+        assert_eq!(headers.get("cloudEvents:specversion"), Some(&text("9.9")));
+        assert_eq!(
+            headers.get("cloudEvents:bin"),
+            Some(&AMQPValue::LongString(LongString::from(not_utf8)))
+        );
+        assert_eq!(headers.get("id"), Some(&text("a reserved name")));
+        assert_eq!(
+            headers.get("amqp:content-type"),
+            Some(&text("a header in the amqp: namespace"))
+        );
+        assert!(!headers.keys().any(|k| k.as_str().starts_with("dlq")));
+    }
+
+    #[test]
+    fn undecodable_envelopes_stay_within_the_metadata_limit() {
+        let props = binary_props(&[
+            (
+                "cloudEvents:big",
+                text(&"x".repeat(MAX_METADATA_BYTES + 10)),
+            ),
+            ("cloudEvents:small", text("kept")),
+            (&"n".repeat(255), text("long name")),
+        ]);
+        let env =
+            undecodable_envelope(&props, Bytes::from_static(b"b"), info(), MAX_METADATA_BYTES);
+        assert!(metadata_bytes(&env) <= MAX_METADATA_BYTES);
+        assert!(!env.headers.contains_key("cloudEvents:big"));
+        assert_eq!(env.headers["cloudEvents:small"], "kept");
+        assert!(
+            env.headers[RAW_OMITTED].starts_with("1 headers"),
+            "{:?}",
+            env.headers
+        );
+        let long = format!("{RAW_HEADER_PREFIX}{}", "n".repeat(255));
+        assert_eq!(env.headers[&long[..MAX_CARRIED_NAME]], "long name");
+        let encoded = encode(&env, HeaderPrefix::CloudEvents, ContentMode::Binary).unwrap();
+        assert_eq!(round_trip(&encoded), env);
+    }
+
+    #[test]
+    fn a_dead_letter_copy_of_an_undecodable_message_fits_in_a_frame() {
+        assert_eq!(undecodable_budget(0), MAX_METADATA_BYTES);
+        assert_eq!(undecodable_budget(131_072), MAX_METADATA_BYTES);
+        let frame_max = 8192;
+        let headers: Vec<(String, AMQPValue)> = (0..40)
+            .map(|i| (format!("x-h{i}"), text(&"v".repeat(200))))
+            .collect();
+        let extra: Vec<(&str, AMQPValue)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let props = binary_props(&extra)
+            .with_message_id("m".repeat(255).as_str().into())
+            .with_app_id("a".repeat(255).as_str().into());
+        let env = undecodable_envelope(&props, Bytes::new(), info(), undecodable_budget(frame_max));
+        assert!(env.headers.contains_key(RAW_OMITTED));
+        let mut copy = env;
+        let t = UNIX_EPOCH;
+        postbox_core::DeadLetterMetadata {
+            reason: postbox_core::FailureReason::Decode,
+            error: "e".repeat(2000),
+            error_type: "decode".into(),
+            attempts: 1,
+            first_failed_at: t,
+            last_failed_at: t,
+            origin: postbox_core::Origin {
+                destination: "q".repeat(255),
+                partition: None,
+                offset: None,
+            },
+            consumer: "c".repeat(100),
+        }
+        .apply(&mut copy);
+        let encoded = encode(&copy, HeaderPrefix::CloudEvents, ContentMode::Binary).unwrap();
+        assert!(header_frame_size(&encoded.properties) <= frame_max as usize - 8);
+    }
+
+    #[test]
+    fn broker_dead_letters_name_their_queue() {
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), text("orders"));
+        let mut t = FieldTable::default();
+        t.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+        );
+        t.insert("x-first-death-queue".into(), text("orders"));
+        t.insert(DELIVERY_COUNT.into(), AMQPValue::LongLongInt(3));
+        t.insert("tenant".into(), text("acme"));
+        let props = BasicProperties::default().with_headers(t);
+        assert_eq!(death_queue(&props).as_deref(), Some("orders"));
+        let kept = without_death(&props);
+        let kept = kept.headers().as_ref().unwrap().inner();
+        assert_eq!(
+            kept.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["tenant"]
+        );
+        assert_eq!(death_queue(&BasicProperties::default()), None);
+    }
+
+    #[test]
+    fn header_frame_size_is_what_the_broker_counts() {
+        // RabbitMQ refused this message with `{frame_too_large,6307,4088}`.
+        let env = Envelope::builder("t")
+            .id("id-1")
+            .time(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+            .header("big", "x".repeat(6000))
+            .build();
+        let encoded = encode(&env, HeaderPrefix::CloudEvents, ContentMode::Binary).unwrap();
+        assert_eq!(header_frame_size(&encoded.properties), 6307);
     }
 
     #[test]
@@ -431,7 +1545,9 @@ mod tests {
         let mut env = sample();
         env.headers.insert("h".repeat(300), "v".into());
         assert_eq!(
-            encode(&env, HeaderPrefix::CloudEvents).unwrap_err().kind(),
+            encode(&env, HeaderPrefix::CloudEvents, ContentMode::Binary)
+                .unwrap_err()
+                .kind(),
             &ErrorKind::Encode
         );
     }

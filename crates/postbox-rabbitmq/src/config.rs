@@ -59,6 +59,20 @@ impl HeaderPrefix {
     }
 }
 
+/// How a message carries its CloudEvent (the AMQP binding's two content modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContentMode {
+    /// Attributes in the headers table (prefixed, see [`HeaderPrefix`]), the
+    /// payload as the body, byte for byte (default).
+    #[default]
+    Binary,
+    /// The body is the CloudEvents JSON document
+    /// (`content_type = application/cloudevents+json; charset=UTF-8`); no
+    /// attribute headers. For receivers that read the event format rather
+    /// than AMQP headers.
+    Structured,
+}
+
 /// The default delay tiers: a 1-2-5 series from 20 ms to 1 h.
 pub fn default_tiers() -> Vec<Duration> {
     let ms = [
@@ -84,6 +98,7 @@ pub struct RabbitConfig {
     pub(crate) url: String,
     pub(crate) properties: ConnectionProperties,
     pub(crate) prefix: HeaderPrefix,
+    pub(crate) mode: ContentMode,
     pub(crate) delay_exchange: String,
     pub(crate) tiers: Vec<Duration>,
     pub(crate) connect_timeout: Duration,
@@ -107,6 +122,7 @@ impl RabbitConfig {
             properties: ConnectionProperties::default()
                 .with_connection_name("postbox-rabbitmq".into()),
             prefix: HeaderPrefix::default(),
+            mode: ContentMode::default(),
             delay_exchange: DEFAULT_DELAY_EXCHANGE.to_string(),
             tiers: default_tiers(),
             connect_timeout: Duration::from_secs(10),
@@ -127,8 +143,9 @@ impl RabbitConfig {
     /// Query parameters: lapin's own (`heartbeat`, `frame_max`,
     /// `channel_max`, `connection_timeout`, `auth_mechanism`) are passed
     /// through; postbox reads `queue_kind` (`quorum` | `classic`), `prefetch`,
-    /// `header_prefix` (`cloudEvents:` | `cloudEvents_` | `ce-`) and
-    /// `max_message_size` (bytes). Any other parameter is a `Config` error, so
+    /// `header_prefix` (`cloudEvents:` | `cloudEvents_` | `ce-`),
+    /// `content_mode` (`binary` | `structured`) and `max_message_size`
+    /// (bytes). Any other parameter is a `Config` error, so
     /// a typo does not go unnoticed. Errors never show the password.
     pub fn from_url(url: &str) -> Result<RabbitConfig, Error> {
         let redacted = redact_url(url);
@@ -172,13 +189,20 @@ impl RabbitConfig {
                         _ => return Err(invalid()),
                     }
                 }
+                "content_mode" => {
+                    config.mode = match value.to_ascii_lowercase().as_str() {
+                        "binary" => ContentMode::Binary,
+                        "structured" => ContentMode::Structured,
+                        _ => return Err(invalid()),
+                    }
+                }
                 "max_message_size" => {
                     config.max_message_size = value.parse().map_err(|_| invalid())?
                 }
                 k if LAPIN_PARAMETERS.contains(&k) => passed.push(pair),
                 _ => {
                     return Err(config_error(format!(
-                        "unknown parameter `{key}` in `{redacted}`: expected one of queue_kind, prefetch, header_prefix, max_message_size, {}",
+                        "unknown parameter `{key}` in `{redacted}`: expected one of queue_kind, prefetch, header_prefix, content_mode, max_message_size, {}",
                         LAPIN_PARAMETERS.join(", ")
                     )))
                 }
@@ -219,6 +243,14 @@ impl RabbitConfig {
     /// The prefix used when *publishing* CloudEvents attributes (decoding accepts all three).
     pub fn header_prefix(mut self, prefix: HeaderPrefix) -> Self {
         self.prefix = prefix;
+        self
+    }
+
+    /// How messages are published: [`ContentMode::Binary`] (default) or
+    /// [`ContentMode::Structured`]; retry and dead-letter copies are written
+    /// the same way. Decoding reads both, whatever this says.
+    pub fn content_mode(mut self, mode: ContentMode) -> Self {
+        self.mode = mode;
         self
     }
 
@@ -334,6 +366,7 @@ impl fmt::Debug for RabbitConfig {
         f.debug_struct("RabbitConfig")
             .field("url", &self.redacted_url())
             .field("prefix", &self.prefix)
+            .field("mode", &self.mode)
             .field("delay_exchange", &self.delay_exchange)
             .field("tiers", &self.tiers.len())
             .field("connect_timeout", &self.connect_timeout)
@@ -409,7 +442,7 @@ mod tests {
     #[test]
     fn from_url_reads_postbox_parameters_and_passes_lapins_through() {
         let c = RabbitConfig::from_url(
-            "amqp://app:pw@rabbit:5672/%2f?heartbeat=30&queue_kind=classic&prefetch=0&header_prefix=ce-&max_message_size=1024&frame_max=8192",
+            "amqp://app:pw@rabbit:5672/%2f?heartbeat=30&queue_kind=classic&prefetch=0&header_prefix=ce-&content_mode=structured&max_message_size=1024&frame_max=8192",
         )
         .unwrap();
         assert_eq!(
@@ -419,11 +452,13 @@ mod tests {
         assert_eq!(c.queue_kind, QueueKind::Classic);
         assert_eq!(c.prefetch, 1, "prefetch is at least 1");
         assert_eq!(c.prefix, HeaderPrefix::Ce);
+        assert_eq!(c.mode, ContentMode::Structured);
         assert_eq!(c.max_message_size, 1024);
         let plain = RabbitConfig::from_url("AMQP://rabbit").unwrap();
         assert_eq!(plain.url, "AMQP://rabbit");
         assert_eq!(plain.queue_kind, QueueKind::Quorum);
         assert_eq!(plain.prefetch, DEFAULT_PREFETCH);
+        assert_eq!(plain.mode, ContentMode::Binary);
     }
 
     #[test]
@@ -438,6 +473,10 @@ mod tests {
                 "`queue_kind`",
             ),
             ("amqp://app:hunter2@rabbit?prefetch=many", "`prefetch`"),
+            (
+                "amqp://app:hunter2@rabbit?content_mode=batch",
+                "`content_mode`",
+            ),
             (
                 "amqp://app:hunter2@rabbit?heartbeat=soon",
                 "not a valid AMQP URL",

@@ -10,9 +10,9 @@
 //!   `basic.ack(multiple)` per 64 acks or 2 ms, whichever comes first, that
 //!   never covers a delivery still in hand (an ack completed out of order is
 //!   sent alone by the next flush). [`Source::close`] cancels the consumer,
-//!   waits for the settlements it started itself (re-delays, decode
-//!   dead-letters), sends every waiting ack and closes the channel, whose
-//!   `close-ok` means the broker has processed them all, before it returns.
+//!   waits for the re-delays it started itself, sends every waiting ack and
+//!   closes the channel, whose `close-ok` means the broker has processed them
+//!   all, before it returns.
 //!   A process that dies without closing gets its last messages redelivered
 //!   (at-least-once, never lost).
 //!   `release` = `basic.nack(requeue)`; `retry` = a
@@ -23,8 +23,12 @@
 //!   once, then reconnects with backoff, re-declares the subscription's
 //!   topology and resumes consuming. Unacked deliveries of the lost channel
 //!   are redelivered by the broker; settling them fails with a `Settle` error.
-//! * A message with malformed CloudEvents headers never reaches the handler:
-//!   it is published to `<queue>.dlq` with `dlqreason = decode`, then acked.
+//! * A message with CloudEvents markers that breaks the format is yielded
+//!   with [`Delivery::decode_error`] set and an envelope holding what
+//!   arrived (see `codec::undecodable_envelope`): the consumer runtime
+//!   dead-letters it with reason `decode` through the consumer's own
+//!   [`DeadLetterRouter`](postbox_core::DeadLetterRouter) before any handler
+//!   runs, and acks it once the copy is confirmed.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -37,10 +41,8 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Connection};
-use postbox_core::dlq::DeadLetterMetadata;
 use postbox_core::{
-    Delivery, Envelope, Error, ErrorKind, FailureReason, Origin, Publisher, Retry, SettleError,
-    SettleResult, Source,
+    Delivery, Envelope, Error, ErrorKind, Origin, Retry, SettleError, SettleResult, Source,
 };
 
 use crate::codec::{self, short, WireInfo};
@@ -51,7 +53,7 @@ use crate::topology::Topology;
 use crate::SYSTEM;
 
 /// How long closing waits for the settlements the source started itself
-/// (a re-delay or a decode dead-letter is a confirmed publish, then an ack).
+/// (a re-delay is a confirmed publish, then an ack).
 const BACKGROUND_GRACE: Duration = Duration::from_secs(35);
 
 /// Keeps a consumer's connection and channel open while it or any of its
@@ -61,8 +63,8 @@ struct Link {
     connection: Connection,
     channel: Channel,
     acks: Acks,
-    /// Settlements the source started on its own tasks (re-delays, decode
-    /// dead-letters); closing waits for them.
+    /// Settlements the source started on its own tasks (re-delays); closing
+    /// waits for them.
     background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -231,7 +233,7 @@ impl Link {
             let finished =
                 tokio::time::timeout(BACKGROUND_GRACE, futures_util::future::join_all(tasks)).await;
             if finished.is_err() {
-                tracing::warn!(grace = ?BACKGROUND_GRACE, "a re-delay or dead-letter publish did not finish before the consumer closed; its message will be redelivered");
+                tracing::warn!(grace = ?BACKGROUND_GRACE, "a re-delay publish did not finish before the consumer closed; its message will be redelivered");
             }
             if let Err(e) = self.acks.flush(&self.channel, true).await {
                 result = result.and(Err(from_lapin("sending the last acks", e)));
@@ -392,8 +394,11 @@ impl RabbitSource {
         error
     }
 
-    /// Turns a lapin delivery into a postbox delivery, or handles it here
-    /// (not yet due: re-delayed; undecodable: dead-lettered) and returns `None`.
+    /// Turns a lapin delivery into a postbox delivery, or re-delays it here
+    /// (a retry copy not yet due) and returns `None`. An undecodable message
+    /// becomes a delivery with its [`Delivery::decode_error`] set and an
+    /// envelope holding what arrived: the runtime dead-letters it with
+    /// reason `decode` through the consumer's router.
     fn accept(&self, link: &Arc<Link>, d: lapin::message::Delivery) -> Option<RabbitDelivery> {
         let lapin::message::Delivery {
             delivery_tag,
@@ -413,32 +418,42 @@ impl RabbitSource {
             queue: &self.queue,
         };
         let foreign_type = &self.client.inner.config.foreign_type;
-        match codec::decode(&properties, body.clone(), info, foreign_type) {
-            Ok(mut envelope) => {
+        let (mut envelope, decode_error) = match codec::decode(
+            &properties,
+            body.clone(),
+            info,
+            foreign_type,
+        ) {
+            Ok(envelope) => {
                 if let Some(due) = codec::due_of(&properties) {
                     if due > SystemTime::now() + NOW_SLACK {
                         self.redelay(link, envelope, due, (delivery_tag, acker));
                         return None;
                     }
                 }
-                let attempt = codec::attempt(envelope.attempt, &properties, redelivered);
-                envelope.attempt = attempt;
-                Some(RabbitDelivery {
-                    envelope,
-                    attempt,
-                    queue: self.queue.clone(),
-                    tag: delivery_tag,
-                    acker,
-                    link: link.clone(),
-                    client: self.client.clone(),
-                })
+                (envelope, None)
             }
             Err(e) => {
-                let env = codec::foreign_envelope(&properties, body, info, foreign_type);
-                self.dead_letter_undecodable(link, env, e, (delivery_tag, acker));
-                None
+                tracing::debug!(queue = %self.queue, error = %e, "undecodable message; the consumer dead-letters it");
+                // Its dead-letter copy goes out on a connection with the
+                // same frame_max as this one: carry what fits in it.
+                let budget = codec::undecodable_budget(link.connection.configuration().frame_max());
+                let envelope = codec::undecodable_envelope(&properties, body, info, budget);
+                (envelope, Some(e))
             }
-        }
+        };
+        let attempt = codec::attempt(envelope.attempt, &properties, redelivered);
+        envelope.attempt = attempt;
+        Some(RabbitDelivery {
+            envelope,
+            attempt,
+            decode_error,
+            queue: self.queue.clone(),
+            tag: delivery_tag,
+            acker,
+            link: link.clone(),
+            client: self.client.clone(),
+        })
     }
 
     fn redelay(
@@ -461,52 +476,6 @@ impl RabbitSource {
                     let _ = acker
                         .nack(BasicNackOptions {
                             requeue: true,
-                            ..Default::default()
-                        })
-                        .await;
-                }
-            }
-            link.acks.settled(tag);
-        });
-    }
-
-    fn dead_letter_undecodable(
-        &self,
-        link: &Arc<Link>,
-        mut env: Envelope,
-        error: Error,
-        (tag, acker): (u64, Acker),
-    ) {
-        let (client, queue, task_link) = (self.client.clone(), self.queue.clone(), link.clone());
-        link.spawn_background(async move {
-            let link = task_link;
-            let now = SystemTime::now();
-            DeadLetterMetadata {
-                reason: FailureReason::Decode,
-                error: error.to_string(),
-                error_type: "postbox_core::Error".into(),
-                attempts: 1,
-                first_failed_at: now,
-                last_failed_at: now,
-                origin: Origin {
-                    destination: queue.to_string(),
-                    partition: None,
-                    offset: None,
-                },
-                consumer: "postbox-rabbitmq".into(),
-            }
-            .apply(&mut env);
-            let dlq = postbox_core::dlq::default_destination(&queue);
-            tracing::warn!(queue = %queue, id = %env.id, error = %error, "undecodable message; dead-lettering it");
-            match client.publish(&dlq, env).await {
-                Ok(()) => {
-                    let _ = acker.ack(BasicAckOptions::default()).await;
-                }
-                Err(e) => {
-                    tracing::error!(queue = %queue, error = %e.error, "dead-lettering an undecodable message failed; rejecting it to the queue's dead-letter exchange");
-                    let _ = acker
-                        .nack(BasicNackOptions {
-                            requeue: false,
                             ..Default::default()
                         })
                         .await;
@@ -593,6 +562,8 @@ impl Source for RabbitSource {
 pub struct RabbitDelivery {
     envelope: Envelope,
     attempt: u32,
+    /// Why the message did not decode, when it did not.
+    decode_error: Option<Error>,
     queue: Arc<str>,
     tag: u64,
     acker: Acker,
@@ -637,6 +608,10 @@ impl Delivery for RabbitDelivery {
             partition: None,
             offset: None,
         }
+    }
+
+    fn decode_error(&self) -> Option<&Error> {
+        self.decode_error.as_ref()
     }
 
     async fn ack(self) -> SettleResult<Self> {

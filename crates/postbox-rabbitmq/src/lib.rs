@@ -20,8 +20,13 @@
 //!   competes, whatever the group); `exchange:events` with group `billing`
 //!   consumes the queue `events.billing` bound to the fanout exchange
 //!   `events`, so each group gets every message.
-//! * Wire format: CloudEvents binary mode with `cloudEvents:` headers plus the
-//!   native AMQP properties ([`HeaderPrefix`]).
+//! * Wire format: the CloudEvents AMQP binding, binary mode with
+//!   `cloudEvents:` headers ([`HeaderPrefix`]) or structured mode
+//!   ([`ContentMode`]), plus the native AMQP properties; decoding reads
+//!   both modes and foreign messages. A message with CloudEvents markers that
+//!   breaks the format is handed to the consumer runtime as undecodable
+//!   ([`Delivery::decode_error`](postbox_core::Delivery::decode_error)), which
+//!   dead-letters it with reason `decode` through the consumer's router.
 //!
 //! ```no_run
 //! use postbox_core::{handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, Publisher, SubscribeOptions};
@@ -58,8 +63,9 @@ mod publisher;
 mod retry;
 mod topology;
 
+pub use codec::{metadata_bytes, MAX_METADATA_BYTES, STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE};
 pub use config::{
-    default_tiers, HeaderPrefix, RabbitConfig, AMQP_URL_ENV, DEFAULT_DELAY_EXCHANGE,
+    default_tiers, ContentMode, HeaderPrefix, RabbitConfig, AMQP_URL_ENV, DEFAULT_DELAY_EXCHANGE,
     DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PREFETCH, DEFAULT_URL,
 };
 pub use consumer::{RabbitDelivery, RabbitSource};

@@ -10,10 +10,16 @@
 //!   back at their original positions; the peeked messages are marked
 //!   *redelivered* (and a quorum DLQ would count a delivery — the DLQs this
 //!   crate declares are classic for that reason).
+//! * **peek** and **replay** show every message: one that does not decode
+//!   (a broker-side dead letter of an undecodable message) is shown as the
+//!   envelope of what arrived, never skipped.
 //! * **replay** takes messages one by one; a message that passes the filter
-//!   (up to `limit`) is published to its origin queue (`dlqorigin`) with its
-//!   id kept and the `dlq…`/`retry…` headers removed, confirmed, then acked;
-//!   the others are requeued when the channel closes.
+//!   (up to `limit`) is published back, confirmed, then acked; the others
+//!   are requeued when the channel closes. A router's copy goes to its
+//!   `dlqorigin` with its id kept and the `dlq…`/`retry…` headers removed —
+//!   an undecodable message as the original AMQP message, rebuilt from its
+//!   envelope; a broker-side dead letter goes back to the queue of its last
+//!   `x-death`, as it is. A message that says neither is skipped (counted).
 //! * **purge** is `queue.purge`.
 
 use async_trait::async_trait;
@@ -21,10 +27,10 @@ use bytes::Bytes;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 use lapin::Channel;
-use postbox_core::dlq::{prepare_replay, ReplayFilter};
+use postbox_core::dlq::{self, prepare_replay, ReplayFilter};
 use postbox_core::{DeadLetterOps, Envelope, Error, Publisher, ReplayReport};
 
-use crate::codec::{self, short, WireInfo};
+use crate::codec::{self, short, Route, WireInfo, MAX_METADATA_BYTES};
 use crate::error::from_lapin;
 use crate::publisher::RabbitBroker;
 
@@ -71,16 +77,60 @@ impl RabbitBroker {
         Ok(u64::from(r?))
     }
 
-    fn decode_lenient(&self, queue: &str, d: lapin::message::Delivery) -> Envelope {
+    /// What a DLQ operation shows of a message: its envelope, or for a
+    /// message that does not decode, the envelope of what arrived
+    /// (`codec::undecodable_envelope`): never skipped, never a silent drop.
+    fn view(&self, queue: &str, d: &lapin::message::Delivery) -> Envelope {
         let info = WireInfo {
             exchange: d.exchange.as_str(),
             routing_key: d.routing_key.as_str(),
             queue,
         };
-        let body = Bytes::from(d.data);
+        let body = Bytes::copy_from_slice(&d.data);
         let foreign = &self.inner.config.foreign_type;
-        codec::decode(&d.properties, body.clone(), info, foreign)
-            .unwrap_or_else(|_| codec::foreign_envelope(&d.properties, body, info, foreign))
+        codec::decode(&d.properties, body.clone(), info, foreign).unwrap_or_else(|_| {
+            codec::undecodable_envelope(&d.properties, body, info, MAX_METADATA_BYTES)
+        })
+    }
+
+    /// Publishes one dead letter back; `false` when nothing says where it
+    /// came from (then it stays in the DLQ, counted as skipped).
+    ///
+    /// * a copy written by a `DeadLetterRouter` goes to its `dlqorigin`:
+    ///   the envelope with its dead-letter metadata removed, or, for an
+    ///   undecodable message, the original AMQP message rebuilt from what
+    ///   its envelope carries;
+    /// * a message the broker dead-lettered (a reject, a quorum queue's
+    ///   delivery limit) goes back to the queue of its last `x-death`, as
+    ///   it is, without the headers the broker added.
+    async fn replay_one(
+        &self,
+        view: Envelope,
+        d: &lapin::message::Delivery,
+    ) -> Result<bool, Error> {
+        if view.event_type == codec::UNDECODABLE_TYPE {
+            if let Some(origin) = view.headers.get(dlq::ORIGIN) {
+                let route = codec::route(origin, &view);
+                let original = codec::restore_undecodable(&view)?;
+                self.publish_raw(&route, &original.body, original.properties)
+                    .await?;
+                return Ok(true);
+            }
+        }
+        if let Some((origin, env)) = prepare_replay(view) {
+            self.publish(&origin, env).await.map_err(|e| e.error)?;
+            return Ok(true);
+        }
+        if let Some(queue) = codec::death_queue(&d.properties) {
+            let route = Route {
+                exchange: String::new(),
+                routing_key: queue,
+            };
+            self.publish_raw(&route, &d.data, codec::without_death(&d.properties))
+                .await?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 }
 
@@ -113,7 +163,7 @@ impl DeadLetterOps for RabbitBroker {
         let result = async {
             while out.len() < limit {
                 match get(&channel, dlq).await? {
-                    Some(d) => out.push(self.decode_lenient(dlq, d)),
+                    Some(d) => out.push(self.view(dlq, &d)),
                     None => break,
                 }
             }
@@ -139,18 +189,16 @@ impl DeadLetterOps for RabbitBroker {
                 let Some(d) = get(&channel, dlq).await? else {
                     break;
                 };
-                let acker = d.acker.clone();
-                let env = self.decode_lenient(dlq, d);
-                if report.replayed >= limit || !filter(&env) {
+                let view = self.view(dlq, &d);
+                if report.replayed >= limit || !filter(&view) {
                     report.skipped += 1;
                     continue;
                 }
-                let Some((origin, env)) = prepare_replay(env) else {
+                if !self.replay_one(view, &d).await? {
                     report.skipped += 1;
                     continue;
-                };
-                self.publish(&origin, env).await.map_err(|e| e.error)?;
-                acker
+                }
+                d.acker
                     .ack(BasicAckOptions::default())
                     .await
                     .map_err(|e| from_lapin("acking a replayed message", e))?;

@@ -24,7 +24,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm
 use postbox_core::telemetry::PublisherMetrics;
 use postbox_core::{BatchReport, Envelope, Error, ErrorKind, Limit, PublishError, Publisher};
 
-use crate::codec::{self, short, Route};
+use crate::codec::{self, short, Encoded, Route};
 use crate::config::RabbitConfig;
 use crate::error::from_lapin;
 use crate::SYSTEM;
@@ -265,6 +265,25 @@ impl RabbitBroker {
     ) -> Result<PublisherConfirm, Error> {
         let exchange = short("exchange name", &route.exchange)?;
         let key = short("routing key", &route.routing_key)?;
+        // The broker closes the whole connection (FRAME_ERROR) on a content
+        // header larger than a frame, failing every publish in flight: refuse
+        // it here instead.
+        let frame_max = link.connection.configuration().frame_max();
+        if frame_max > 0 {
+            let room = usize::try_from(frame_max)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(8);
+            let size = codec::header_frame_size(&properties);
+            if size > room {
+                return Err(Error::new(
+                    ErrorKind::Encode,
+                    format!(
+                        "the properties and headers of a message to {} take {size} bytes, more than one AMQP frame holds ({room} bytes with frame_max {frame_max})",
+                        describe(route)
+                    ),
+                ));
+            }
+        }
         link.channel
             .basic_publish(
                 exchange,
@@ -292,22 +311,21 @@ impl RabbitBroker {
         confirmed(route, confirm).await
     }
 
-    pub(crate) fn check_size(&self, env: &Envelope) -> Result<(), Error> {
+    /// Encodes `env` in the configured content mode, checking the body
+    /// limit before (the payload) and after (the body, which in structured
+    /// mode is the whole event).
+    pub(crate) fn encode(&self, env: &Envelope) -> Result<Encoded, Error> {
         let max = self.inner.config.max_message_size;
+        let too_big = |actual: usize| Error::limit(Limit::BodySize { max, actual });
         if env.payload.len() > max {
-            return Err(Error::limit(Limit::BodySize {
-                max,
-                actual: env.payload.len(),
-            }));
+            return Err(too_big(env.payload.len()));
         }
-        Ok(())
-    }
-
-    fn encode(&self, destination: &str, env: &Envelope) -> Result<(Route, BasicProperties), Error> {
-        self.check_size(env)?;
-        let route = codec::route(destination, env);
-        let props = codec::encode(env, self.inner.config.prefix)?;
-        Ok((route, props))
+        let cfg = &self.inner.config;
+        let encoded = codec::encode(env, cfg.prefix, cfg.mode)?;
+        if encoded.body.len() > max {
+            return Err(too_big(encoded.body.len()));
+        }
+        Ok(encoded)
     }
 }
 
@@ -371,8 +389,10 @@ pub(crate) async fn confirmed(route: &Route, confirm: PublisherConfirm) -> Resul
 impl Publisher for RabbitBroker {
     async fn publish(&self, destination: &str, envelope: Envelope) -> Result<(), PublishError> {
         let result = async {
-            let (route, props) = self.encode(destination, &envelope)?;
-            self.publish_raw(&route, &envelope.payload, props).await
+            let encoded = self.encode(&envelope)?;
+            let route = codec::route(destination, &envelope);
+            self.publish_raw(&route, &encoded.body, encoded.properties)
+                .await
         }
         .await;
         match result {
@@ -395,8 +415,11 @@ impl Publisher for RabbitBroker {
         for env in envelopes {
             let sent = async {
                 let link = link.as_ref().map_err(clone_error)?;
-                let (route, props) = self.encode(destination, &env)?;
-                let confirm = self.send(link, &route, &env.payload, props).await?;
+                let encoded = self.encode(&env)?;
+                let route = codec::route(destination, &env);
+                let confirm = self
+                    .send(link, &route, &encoded.body, encoded.properties)
+                    .await?;
                 Ok((route, confirm))
             }
             .await;

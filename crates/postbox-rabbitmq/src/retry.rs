@@ -23,6 +23,8 @@
 //! if that publish fails the delivery is handed back unsettled.
 //! Attempt and due metadata are written fresh on every copy (headers are
 //! replaced, never appended; the broker's `x-death` is not carried over).
+//! A copy is written in the configured content mode; in structured mode
+//! the delay-tier and due headers are the only headers.
 //!
 //! [`Broker::publish_delayed`](postbox_core::Broker::publish_delayed) uses the
 //! same path: the message is published into a tier with its due time, and
@@ -80,13 +82,15 @@ impl RabbitBroker {
         due: SystemTime,
     ) -> Result<(), Error> {
         let cfg = &self.inner.config;
-        self.check_size(env)?;
+        // Written in the configured content mode, like any publish; the
+        // transport headers below go next to the CloudEvents ones.
+        let encoded = self.encode(env)?;
         let remaining = due
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
         let link = self.link().await?;
         let tier = topology::tier_for(&cfg.tiers, remaining, NOW_SLACK);
-        let mut headers = codec::encode_headers(env, cfg.prefix)?;
+        let mut headers = encoded.properties.headers().clone().unwrap_or_default();
         let route = match tier {
             None => Route {
                 exchange: String::new(),
@@ -108,8 +112,8 @@ impl RabbitBroker {
                 }
             }
         };
-        let props = codec::encode(env, cfg.prefix)?.with_headers(headers);
-        let confirm = self.send(&link, &route, &env.payload, props).await?;
+        let props = encoded.properties.with_headers(headers);
+        let confirm = self.send(&link, &route, &encoded.body, props).await?;
         confirmed(&route, confirm).await
     }
 }

@@ -1,6 +1,6 @@
 //! The postbox conformance suite against the real RabbitMQ through the
-//! `Broker` trait, twice: with quorum queues (the default) and with classic
-//! queues.
+//! `Broker` trait, three times: with quorum queues (the default), with
+//! classic queues, and with quorum queues publishing in structured mode.
 //!
 //! Topics are `exchange:<unique>` destinations, so each group gets its own
 //! queue `<exchange>.<group>` (with `<queue>.dlq`) bound to the fanout
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use postbox_core::{Broker, SubscribeOptions};
-use postbox_rabbitmq::{QueueKind, RabbitBroker, RabbitConfig};
+use postbox_rabbitmq::{ContentMode, QueueKind, RabbitBroker, RabbitConfig};
 use postbox_testkit::{env, BrokerHarness, Capabilities};
 
 /// The configured body limit (RabbitMQ's own default is 128 MiB; smaller here
@@ -35,19 +35,21 @@ struct Run {
 }
 
 impl Run {
-    async fn new(test: &str, kind: QueueKind) -> Option<Run> {
+    async fn new(test: &str, (kind, mode): (QueueKind, ContentMode)) -> Option<Run> {
         let config = RabbitConfig::new(common::amqp_url())
             .max_message_size(MAX_BODY)
-            .queue_kind(kind);
+            .queue_kind(kind)
+            .content_mode(mode);
         let broker = common::broker_with(test, config).await?;
         let declared = broker.capabilities();
         // Delays are served by TTL tiers (a chain of broker hops): generous tolerance.
         let mut caps = Capabilities::all(Duration::from_millis(1000));
         caps.size_limit = declared.max_message_bytes;
         caps.header_limit = declared.max_headers;
-        let name = match kind {
-            QueueKind::Quorum => "rabbitmq-quorum",
-            QueueKind::Classic => "rabbitmq-classic",
+        let name = match (kind, mode) {
+            (QueueKind::Quorum, ContentMode::Binary) => "rabbitmq-quorum",
+            (QueueKind::Classic, ContentMode::Binary) => "rabbitmq-classic",
+            (_, ContentMode::Structured) => "rabbitmq-structured",
         };
         let names = Arc::new(Mutex::new(Names::default()));
         let (topics, groups) = (names.clone(), names.clone());
@@ -104,10 +106,18 @@ macro_rules! suite {
 
 mod quorum {
     use super::*;
-    postbox_testkit::for_each_conformance_test!(suite!(QueueKind::Quorum));
+    postbox_testkit::for_each_conformance_test!(suite!((QueueKind::Quorum, ContentMode::Binary)));
 }
 
 mod classic {
     use super::*;
-    postbox_testkit::for_each_conformance_test!(suite!(QueueKind::Classic));
+    postbox_testkit::for_each_conformance_test!(suite!((QueueKind::Classic, ContentMode::Binary)));
+}
+
+mod structured {
+    use super::*;
+    postbox_testkit::for_each_conformance_test!(suite!((
+        QueueKind::Quorum,
+        ContentMode::Structured
+    )));
 }
