@@ -12,6 +12,7 @@
 //! 6. in ordered mode a retry blocks its key instead of overtaking.
 
 mod decide;
+mod slots;
 mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};

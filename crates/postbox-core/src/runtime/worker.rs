@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use std::sync::atomic::Ordering as AtomicOrdering;
 
-use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use super::slots::{self, Slots};
 use super::{decide, Counters, Decision, Shared};
 use crate::delivery::{first_failed_at, Delivery, Retry, SettleResult, Source};
 use crate::dlq::DeadLetterMetadata;
@@ -102,20 +102,18 @@ pub(crate) async fn concurrent<S: Source, H: Handler>(
     mut source: S,
     concurrency: usize,
 ) -> S {
-    let mut in_flight = FuturesUnordered::new();
+    let mut in_flight = Slots::new(concurrency);
     let mut backoff = SOURCE_ERROR_BACKOFF.0;
     loop {
-        // Room for one more, or shutdown.
-        while in_flight.len() >= concurrency {
-            in_flight.next().await;
-        }
+        // Room for one more.
+        slots::below(&mut in_flight, concurrency).await;
         let next = {
             let token = &shared.shutdown;
             let mut fetch = pin!(source.next());
             let mut cancelled = pin!(token.cancelled());
             std::future::poll_fn(|cx| {
-                // Finished handlers leave the set while the fetch waits.
-                while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
+                // Finished handlers free their slots while the fetch waits.
+                in_flight.drive(cx);
                 if token.is_cancelled() {
                     return Poll::Ready(None);
                 }
@@ -130,11 +128,10 @@ pub(crate) async fn concurrent<S: Source, H: Handler>(
             None | Some(None) => break,
             Some(Some(Err(e))) => {
                 let waited = {
-                    let wait = after_source_error(&shared, e, &mut backoff);
-                    let mut wait = pin!(wait);
+                    let mut wait = pin!(after_source_error(&shared, e, &mut backoff));
                     // Keep driving the in-flight handlers during the back-off.
                     std::future::poll_fn(|cx| {
-                        while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
+                        in_flight.drive(cx);
                         wait.as_mut().poll(cx)
                     })
                     .await
@@ -148,10 +145,17 @@ pub(crate) async fn concurrent<S: Source, H: Handler>(
         };
         backoff = SOURCE_ERROR_BACKOFF.0;
         Counters::add(&shared.counters.received);
-        in_flight.push(shared.process(delivery));
+        let mut process = Some(shared.process(delivery));
+        std::future::poll_fn(|cx| {
+            if let Some(process) = process.take() {
+                in_flight.start(process, cx);
+            }
+            Poll::Ready(())
+        })
+        .await;
     }
     // Stopped fetching: what is in flight finishes and settles.
-    while in_flight.next().await.is_some() {}
+    slots::below(&mut in_flight, 1).await;
     source
 }
 
