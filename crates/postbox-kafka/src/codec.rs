@@ -12,8 +12,11 @@
 //! with id `<topic>/<partition>/<offset>`, a configured type, source = topic,
 //! the record key as key, its `content-type` header, its other headers as user
 //! headers and the raw value as payload. A record whose `ce_` headers do not
-//! decode is consumed the same way, with the decode error in the
-//! [`DECODE_ERROR`] header, so it is never skipped silently.
+//! decode gets the same envelope with the decode error in the
+//! [`DECODE_ERROR`] header; the source turns that into
+//! `Delivery::decode_error`, so the consumer's runtime dead-letters it with
+//! reason `decode` before any handler runs — never skipped silently, never
+//! mistaken for a foreign message.
 //!
 //! postbox's own transport headers (retry due time, origin of a retry copy)
 //! are `postbox-*` headers outside the envelope.
@@ -236,7 +239,7 @@ pub(crate) fn decode<'a>(
                 let mut d = foreign_envelope(record, &others, content_type, payload, foreign_type);
                 d.envelope
                     .headers
-                    .insert(DECODE_ERROR.to_string(), e.to_string());
+                    .insert(DECODE_ERROR.to_string(), e.message().to_string());
                 return d;
             }
         }

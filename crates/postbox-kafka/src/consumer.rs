@@ -67,7 +67,7 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
-use crate::codec::{self, RecordRef, RetryInfo};
+use crate::codec::{self, RecordRef, RetryInfo, DECODE_ERROR};
 use crate::config::KafkaConfig;
 use crate::error::from_kafka;
 use crate::publisher::{KafkaPublisher, SYSTEM};
@@ -876,7 +876,15 @@ impl KafkaSource {
         Ok(self.delivery(parked.pending, gen))
     }
 
-    fn delivery(&self, pending: Pending, gen: u64) -> KafkaDelivery {
+    fn delivery(&self, mut pending: Pending, gen: u64) -> KafkaDelivery {
+        // A record whose `ce_` headers did not decode: the runtime
+        // dead-letters it with reason `decode` (the header is only the
+        // carrier between the codec and here; an empty map costs nothing).
+        let decode_error = pending
+            .envelope
+            .headers
+            .remove(DECODE_ERROR)
+            .map(|why| Error::new(ErrorKind::Decode, why));
         KafkaDelivery {
             shared: self.shared.clone(),
             key: pending.key,
@@ -884,6 +892,7 @@ impl KafkaSource {
             gen,
             envelope: Some(pending.envelope),
             origin_at: pending.origin_at,
+            decode_error,
         }
     }
 
@@ -1171,6 +1180,8 @@ pub struct KafkaDelivery {
     gen: u64,
     envelope: Option<Box<Envelope>>,
     origin_at: (i32, i64),
+    /// Why the record's CloudEvents headers did not decode, if they did not.
+    decode_error: Option<Error>,
 }
 
 impl std::fmt::Debug for KafkaDelivery {
@@ -1206,6 +1217,12 @@ impl KafkaDelivery {
     fn requeue(&mut self) {
         if let Some(mut envelope) = self.envelope.take() {
             envelope.attempt = envelope.attempt.saturating_add(1);
+            if let Some(e) = self.decode_error.take() {
+                // Still undecodable when it comes back.
+                envelope
+                    .headers
+                    .insert(DECODE_ERROR.to_string(), e.message().to_string());
+            }
             let pending = Pending {
                 key: self.key,
                 offset: self.offset,
@@ -1224,6 +1241,10 @@ impl Delivery for KafkaDelivery {
 
     fn attempt(&self) -> u32 {
         self.env().attempt
+    }
+
+    fn decode_error(&self) -> Option<&Error> {
+        self.decode_error.as_ref()
     }
 
     fn origin(&self) -> Origin {

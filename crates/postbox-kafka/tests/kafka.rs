@@ -288,6 +288,96 @@ async fn foreign_records_are_consumed_with_a_synthesized_envelope() {
     close_on_tansu(source).await.unwrap();
 }
 
+/// A record whose `ce_` headers break the format (here: no `ce_type`) never
+/// reaches the handler: the runtime dead-letters it with reason `decode`,
+/// with the record's value and its other headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_records_are_dead_lettered_without_the_handler() {
+    let Some(h) = tansu_or_skip(
+        "undecodable_records_are_dead_lettered_without_the_handler",
+        1,
+    )
+    .await
+    else {
+        return;
+    };
+    let t = topic("undecodable");
+    h.create(&t).await.unwrap();
+    let producer: FutureProducer = h.broker.config().client_config().create().unwrap();
+    let broken = OwnedHeaders::new()
+        .insert(Header {
+            key: "ce_specversion",
+            value: Some("1.0"),
+        })
+        .insert(Header {
+            key: "ce_id",
+            value: Some("broken-1"),
+        })
+        .insert(Header {
+            key: "ce_source",
+            value: Some("legacy"),
+        })
+        .insert(Header {
+            key: "x-trace",
+            value: Some("abc"),
+        });
+    producer
+        .send(
+            FutureRecord::to(&t)
+                .key("k")
+                .payload(r#"{"broken":true}"#)
+                .headers(broken),
+            WAIT,
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let good = order(1, "k");
+    publish(&h, &t, std::slice::from_ref(&good)).await;
+    let spy = HandlerSpy::new();
+    let source = h.source(&t, "g").await.unwrap();
+    let running = Consumer::builder(source, spy.clone())
+        .name("billing")
+        .dead_letter(DeadLetterRouter::new(h.broker.clone()))
+        .build()
+        .unwrap()
+        .spawn();
+    let dlq = format!("{t}.dlq");
+    let deadline = Instant::now() + WAIT;
+    while h.broker.count(&dlq).await.unwrap() < 1 || spy.calls().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing dead-lettered or handled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = running.shutdown().await.unwrap();
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    let handled: Vec<String> = spy
+        .calls()
+        .iter()
+        .map(|c| c.envelope.id.to_string())
+        .collect();
+    assert_eq!(
+        handled,
+        vec![good.id.to_string()],
+        "only the good record was handled"
+    );
+    let dead = h.broker.peek(&dlq, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    let m = DeadLetterMetadata::read(&dead[0]).expect("metadata");
+    assert_eq!(m.reason, FailureReason::Decode);
+    assert_eq!(m.error_type, "decode");
+    assert!(m.error.contains("type"), "{}", m.error);
+    assert_eq!(m.consumer, "billing");
+    assert_eq!(&dead[0].payload[..], br#"{"broken":true}"#);
+    assert_eq!(dead[0].headers["x-trace"], "abc");
+    assert!(
+        !dead[0].headers.contains_key(postbox_kafka::DECODE_ERROR),
+        "the carrier header does not travel"
+    );
+}
+
 /// Records larger than `message.max.bytes` fail before sending, typed, with
 /// the envelope handed back; in a batch only that one fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
