@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Dependency policy check: advisories, licenses, bans, sources (see deny.toml).
 #
-# Runs fully offline against the RustSec advisory-db snapshot in
-# ../shared/advisory-db (relative to the repository root; override with
-# ADVISORY_DB_SRC). Exits non-zero on any cargo-deny error.
+# Runs fully offline against a RustSec advisory-db snapshot: the one this
+# machine keeps beside the checkout, or the folder ADVISORY_DB_SRC names. Exits non-zero on any cargo-deny error.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -138,7 +138,7 @@ fn producer_config(o: &Options) -> ClientConfig {
 /// Consumer settings, identical on both sides (postbox sets
 /// `enable.auto.offset.store=false` and `group.id` itself; they are set here
 /// for the raw side). tansu: a short session time-out keeps the first join
-/// at about 3 s (BROKERS.md); `fetch.queue.backoff.ms=10` avoids librdkafka's
+/// at about 3 s (docs/testing.md); `fetch.queue.backoff.ms=10` avoids librdkafka's
 /// 1 s stall on long reads.
 fn consumer_config(o: &Options) -> ClientConfig {
     let mut c = ClientConfig::new();

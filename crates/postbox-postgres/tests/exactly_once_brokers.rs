@@ -703,7 +703,7 @@ mod kafka {
             .revoke_timeout(Duration::from_secs(3))
             .set("linger.ms", "1")
             // On tansu the "latest" offset is the last *batch*'s base offset
-            // + 1 (BROKERS.md): one record per batch keeps it exact, so a lag
+            // + 1 (docs/testing.md): one record per batch keeps it exact, so a lag
             // of 0 means every record (wire duplicates and retry copies
             // included) was committed.
             .set("batch.num.messages", "1")
