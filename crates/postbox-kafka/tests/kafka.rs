@@ -244,6 +244,38 @@ async fn dead_letters_keep_the_key_and_carry_the_metadata() {
     assert_eq!(h.broker.count(&dlq).await.unwrap(), 1);
 }
 
+/// Produces a record as a non-postbox producer would; returns its partition
+/// and offset.
+async fn produce_raw(
+    h: &TestKafka,
+    topic: &str,
+    key: &str,
+    payload: &str,
+    headers: &[(&str, &str)],
+) -> (i32, i64) {
+    let producer: FutureProducer = h.broker.config().client_config().create().unwrap();
+    let headers = headers
+        .iter()
+        .fold(OwnedHeaders::new(), |hs, (key, value)| {
+            hs.insert(Header {
+                key,
+                value: Some(*value),
+            })
+        });
+    let delivered = producer
+        .send(
+            FutureRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers),
+            WAIT,
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    (delivered.partition, delivered.offset)
+}
+
 /// Records without `ce_` headers are consumed with a synthesized envelope.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_records_are_consumed_with_a_synthesized_envelope() {
@@ -257,23 +289,14 @@ async fn foreign_records_are_consumed_with_a_synthesized_envelope() {
     };
     let t = topic("foreign");
     h.create(&t).await.unwrap();
-    let producer: FutureProducer = h.broker.config().client_config().create().unwrap();
-    let headers = OwnedHeaders::new().insert(Header {
-        key: "x-trace",
-        value: Some("abc"),
-    });
-    let delivered = producer
-        .send(
-            FutureRecord::to(&t)
-                .key("legacy-key")
-                .payload(r#"{"legacy":true}"#)
-                .headers(headers),
-            WAIT,
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-    let (partition, offset) = (delivered.partition, delivered.offset);
+    let (partition, offset) = produce_raw(
+        &h,
+        &t,
+        "legacy-key",
+        r#"{"legacy":true}"#,
+        &[("x-trace", "abc")],
+    )
+    .await;
     let mut source = h.source(&t, "g").await.unwrap();
     let d = next(&mut source).await;
     let env = d.envelope();
@@ -303,35 +326,19 @@ async fn undecodable_records_are_dead_lettered_without_the_handler() {
     };
     let t = topic("undecodable");
     h.create(&t).await.unwrap();
-    let producer: FutureProducer = h.broker.config().client_config().create().unwrap();
-    let broken = OwnedHeaders::new()
-        .insert(Header {
-            key: "ce_specversion",
-            value: Some("1.0"),
-        })
-        .insert(Header {
-            key: "ce_id",
-            value: Some("broken-1"),
-        })
-        .insert(Header {
-            key: "ce_source",
-            value: Some("legacy"),
-        })
-        .insert(Header {
-            key: "x-trace",
-            value: Some("abc"),
-        });
-    producer
-        .send(
-            FutureRecord::to(&t)
-                .key("k")
-                .payload(r#"{"broken":true}"#)
-                .headers(broken),
-            WAIT,
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
+    produce_raw(
+        &h,
+        &t,
+        "k",
+        r#"{"broken":true}"#,
+        &[
+            ("ce_specversion", "1.0"),
+            ("ce_id", "broken-1"),
+            ("ce_source", "legacy"),
+            ("x-trace", "abc"),
+        ],
+    )
+    .await;
     let good = order(1, "k");
     publish(&h, &t, std::slice::from_ref(&good)).await;
     let spy = HandlerSpy::new();

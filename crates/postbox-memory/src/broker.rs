@@ -169,7 +169,7 @@ impl MemoryBroker {
     /// declared and bound. Every group gets every message; consumers of one
     /// group compete.
     pub fn group_queue(&self, topic: &str, group: &str) -> String {
-        let name = format!("{topic}:{group}");
+        let name = group_queue_name(topic, group);
         self.bind(topic, &name);
         name
     }
@@ -373,7 +373,7 @@ impl Broker for MemoryBroker {
 
     async fn backlog(&self, destination: &str, group: Option<&str>) -> Result<Backlog, Error> {
         let name = match group {
-            Some(g) => format!("{destination}:{g}"),
+            Some(g) => group_queue_name(destination, g),
             None => destination.to_string(),
         };
         let q = self.existing_queue(&name)?;
@@ -407,6 +407,11 @@ impl Broker for MemoryBroker {
         self.inner.closed.store(true, AtomicOrdering::Relaxed);
         Ok(())
     }
+}
+
+/// The queue of consumer group `group` on `topic`.
+fn group_queue_name(topic: &str, group: &str) -> String {
+    format!("{topic}:{group}")
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {

@@ -260,16 +260,7 @@ pub fn metadata_bytes(env: &Envelope) -> usize {
         // The longest RFC 3339 form postbox writes.
         n += attribute(attr::TIME, 30);
     }
-    let optional = [
-        (attr::SUBJECT, env.subject.as_deref()),
-        (attr::DATAVERSION, env.schema_version.as_deref()),
-        (attr::CORRELATIONID, env.correlation_id.as_deref()),
-        (attr::CAUSATIONID, env.causation_id.as_deref()),
-        (attr::PARTITIONKEY, env.key.as_deref()),
-        (attr::TRACEPARENT, env.traceparent.as_deref()),
-        (attr::TRACESTATE, env.tracestate.as_deref()),
-    ];
-    for (name, value) in optional {
+    for (name, value) in binary::optional_attributes(env) {
         if let Some(v) = value {
             n += attribute(name, v.len());
         }

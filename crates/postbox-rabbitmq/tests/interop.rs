@@ -29,6 +29,8 @@ use postbox_rabbitmq::{
 };
 use postbox_testkit::env::unique;
 
+use postbox_testkit::interop::{expected_extensions, strict_attribute_name};
+
 const WAIT: Duration = Duration::from_secs(30);
 
 /// A plain lapin connection: the independent producer and reader.
@@ -648,14 +650,6 @@ fn oracle(d: &lapin::message::Delivery) -> cloudevents::Event {
     builder.build().expect("the SDK builds the event")
 }
 
-/// A CloudEvents attribute name as the specification requires it.
-fn strict_name(name: &str) -> bool {
-    (1..=20).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-}
-
 fn sdk_time(event: &cloudevents::Event) -> Option<SystemTime> {
     event.time().map(|t| {
         UNIX_EPOCH
@@ -664,29 +658,6 @@ fn sdk_time(event: &cloudevents::Event) -> Option<SystemTime> {
                 t.timestamp_subsec_nanos(),
             )
     })
-}
-
-/// The extension attributes an envelope is written with.
-fn extensions_of(env: &Envelope) -> BTreeMap<String, String> {
-    let mut m = BTreeMap::new();
-    let optional = [
-        ("dataversion", env.schema_version.as_deref()),
-        ("correlationid", env.correlation_id.as_deref()),
-        ("causationid", env.causation_id.as_deref()),
-        ("partitionkey", env.key.as_deref()),
-        ("traceparent", env.traceparent.as_deref()),
-        ("tracestate", env.tracestate.as_deref()),
-    ];
-    for (k, v) in optional {
-        if let Some(v) = v {
-            m.insert(k.to_string(), v.to_string());
-        }
-    }
-    m.insert("attempt".into(), env.attempt.to_string());
-    for (k, v) in &env.headers {
-        m.insert(k.clone(), v.clone());
-    }
-    m
 }
 
 /// The SDK's event says what `env` says, attribute by attribute, and every
@@ -706,10 +677,10 @@ fn assert_same(event: &cloudevents::Event, env: &Envelope, what: &str) {
         .iter_extensions()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    assert_eq!(extensions, extensions_of(env), "{what}: extensions");
+    assert_eq!(extensions, expected_extensions(env), "{what}: extensions");
     for name in extensions.keys() {
         assert!(
-            strict_name(name),
+            strict_attribute_name(name),
             "{what}: `{name}` is not a valid attribute name"
         );
     }

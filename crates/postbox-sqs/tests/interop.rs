@@ -9,6 +9,7 @@
 //!   reason `decode` and their bytes, without starving good messages, and
 //!   replay puts the bytes back.
 
+#[macro_use]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,26 +25,11 @@ use postbox_core::{
     SubscribeOptions,
 };
 use postbox_sqs::aws_sdk_sqs::types::{Message, MessageAttributeValue};
-use postbox_sqs::{QueueSpec, SqsBroker, SqsConfig, SubscriptionSpec, UNDECODABLE_TYPE};
+use postbox_sqs::{QueueSpec, SqsBroker, SubscriptionSpec, UNDECODABLE_TYPE};
 use postbox_testkit::env::unique;
+use postbox_testkit::interop::{expected_extensions, strict_attribute_name};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-macro_rules! broker_or_skip {
-    ($test:expr) => {
-        broker_or_skip!($test, quick())
-    };
-    ($test:expr, $config:expr) => {
-        match common::broker_with($test, $config).await {
-            Some(b) => b,
-            None => return,
-        }
-    };
-}
-
-fn quick() -> SqsConfig {
-    common::config().wait_time(Duration::from_secs(1))
-}
 
 /// A queue and its `-dlq`, both without a redrive policy: whatever reaches
 /// the DLQ was put there by postbox, never by SQS.
@@ -128,40 +114,11 @@ fn sdk(body: &str) -> Event {
     serde_json::from_str::<Event>(body).unwrap_or_else(|e| panic!("the SDK refuses {body}: {e}"))
 }
 
-/// A CloudEvents attribute name as the specification restricts it.
-fn strict_name(name: &str) -> bool {
-    (1..=20).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-}
-
 fn extensions(event: &Event) -> BTreeMap<String, String> {
     event
         .iter_extensions()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
-}
-
-/// The extensions an envelope travels with: its optional fields, `attempt`
-/// and every header.
-fn expected_extensions(env: &Envelope) -> BTreeMap<String, String> {
-    let mut out: BTreeMap<String, String> = env.headers.clone();
-    let fields = [
-        ("dataversion", env.schema_version.as_deref()),
-        ("correlationid", env.correlation_id.as_deref()),
-        ("causationid", env.causation_id.as_deref()),
-        ("partitionkey", env.key.as_deref()),
-        ("traceparent", env.traceparent.as_deref()),
-        ("tracestate", env.tracestate.as_deref()),
-    ];
-    for (name, value) in fields {
-        if let Some(v) = value {
-            out.insert(name.to_string(), v.to_string());
-        }
-    }
-    out.insert("attempt".into(), env.attempt.to_string());
-    out
 }
 
 fn unix(t: SystemTime) -> (i64, u32) {
@@ -354,7 +311,7 @@ async fn retry_and_dead_letter_copies_are_valid_cloudevents() {
     assert_same(&event, &copy);
     for name in postbox_core::delivery::RETRY_NAMES {
         assert!(event.extension(name).is_some(), "{name}");
-        assert!(strict_name(name), "{name}");
+        assert!(strict_attribute_name(name), "{name}");
     }
     assert_eq!(event.extension("attempt").unwrap().to_string(), "3");
     assert_eq!(attributes(m), expected_attributes(&copy));
@@ -385,7 +342,7 @@ async fn retry_and_dead_letter_copies_are_valid_cloudevents() {
     let ext = extensions(&event);
     for name in ext.keys() {
         assert!(
-            strict_name(name),
+            strict_attribute_name(name),
             "extension {name:?} of the dead-letter copy"
         );
     }
@@ -747,7 +704,7 @@ async fn malformed_events_are_dead_lettered_with_their_bytes_and_replayed_as_the
         assert_eq!(event.ty(), UNDECODABLE_TYPE);
         for name in extensions(&event).keys() {
             assert!(
-                strict_name(name) || name == "tenant" || name == "sqs.type",
+                strict_attribute_name(name) || name == "tenant" || name == "sqs.type",
                 "{name}"
             );
         }
@@ -878,7 +835,7 @@ async fn malformed_events_through_sns_are_dead_lettered_the_same_way() {
 async fn malformed_events_do_not_starve_good_ones() {
     let broker = broker_or_skip!(
         "malformed_events_do_not_starve_good_ones",
-        quick().visibility_timeout(Duration::from_secs(3))
+        common::quick().visibility_timeout(Duration::from_secs(3))
     );
     let q = unique("interop-starve");
     for name in [q.clone(), format!("{q}-dlq")] {

@@ -3,6 +3,7 @@
 //! Where the emulator (LocalStack, or moto) deviates from AWS the test says
 //! so; `postbox-memory`'s SQS profile covers the real limits too.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeSet;
@@ -15,28 +16,10 @@ use postbox_core::{
     DeadLetterRouter, Delivery, Envelope, Error, ErrorKind, Limit, Publisher, Retry, Source,
     SubscribeOptions,
 };
-use postbox_sqs::{QueueSpec, SqsBroker, SqsConfig, SubscriptionSpec, UNDECODABLE_TYPE};
+use postbox_sqs::{QueueSpec, SqsBroker, SubscriptionSpec, UNDECODABLE_TYPE};
 use postbox_testkit::env::unique;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A broker on the emulator with short long polls (and `$config` changes),
-/// or a skip.
-macro_rules! broker_or_skip {
-    ($test:expr) => {
-        broker_or_skip!($test, quick())
-    };
-    ($test:expr, $config:expr) => {
-        match common::broker_with($test, $config).await {
-            Some(b) => b,
-            None => return,
-        }
-    };
-}
-
-fn quick() -> SqsConfig {
-    common::config().wait_time(Duration::from_secs(1))
-}
 
 /// Subscribes to a queue the test declared itself (provisioning would bring
 /// it back to the broker's defaults).
@@ -376,7 +359,7 @@ async fn heartbeat_keeps_a_slow_handlers_message_invisible() {
     // Visibility 2 s; the handler takes 7 s.
     let broker = broker_or_skip!(
         "heartbeat_keeps_a_slow_handlers_message_invisible",
-        quick().visibility_timeout(Duration::from_secs(2))
+        common::quick().visibility_timeout(Duration::from_secs(2))
     );
     let q = queue(&broker, "heartbeat").await;
     let env = Envelope::new("t", "{}");
@@ -425,7 +408,7 @@ async fn crashed_consumer_messages_come_back_after_visibility() {
     let q = queue(&broker, "crash").await;
     let envs: Vec<Envelope> = (0..5).map(|i| Envelope::new("t", format!("{i}"))).collect();
     assert!(broker.publish_batch(&q, envs.clone()).await.is_success());
-    let config = quick()
+    let config = common::quick()
         .visibility_timeout(Duration::from_secs(2))
         .receivers(1)
         .buffer(5);
@@ -467,7 +450,7 @@ async fn crashed_consumer_messages_come_back_after_visibility() {
 async fn fifo_group_keeps_order_across_retries() {
     let broker = broker_or_skip!(
         "fifo_group_keeps_order_across_retries",
-        quick().receivers(1)
+        common::quick().receivers(1)
     );
     let q = format!("{}.fifo", unique("fifo"));
     broker.declare_queue(&QueueSpec::new(&q)).await.unwrap();
@@ -549,7 +532,7 @@ async fn redrive_policy_is_provisioned_idempotently() {
 async fn native_redrive_still_catches_an_undecodable_message_nobody_settles() {
     let broker = broker_or_skip!(
         "native_redrive_still_catches_an_undecodable_message_nobody_settles",
-        quick().visibility_timeout(Duration::from_secs(1))
+        common::quick().visibility_timeout(Duration::from_secs(1))
     );
     let name = unique("poison");
     broker
@@ -801,7 +784,7 @@ async fn dead_letter_operations_agree_on_undecodable_dead_letters() {
 async fn foreign_messages_get_a_synthesized_envelope() {
     let broker = broker_or_skip!(
         "foreign_messages_get_a_synthesized_envelope",
-        quick().foreign_type("legacy.event")
+        common::quick().foreign_type("legacy.event")
     );
     let q = queue(&broker, "foreign").await;
     let url = broker.queue_url(&q).await.unwrap();
@@ -912,7 +895,7 @@ async fn debug_never_shows_credentials() {
 async fn sns_fifo_topic_fans_out_in_group_order() {
     let broker = broker_or_skip!(
         "sns_fifo_topic_fans_out_in_group_order",
-        quick().receivers(1)
+        common::quick().receivers(1)
     );
     let topic = format!("{}.fifo", unique("fifotopic"));
     broker.declare_topic(&topic).await.unwrap();
@@ -963,7 +946,7 @@ async fn sns_fifo_topic_fans_out_in_group_order() {
 async fn sns_subscription_provisions_a_queue_per_group() {
     let broker = broker_or_skip!(
         "sns_subscription_provisions_a_queue_per_group",
-        quick().max_receive_count(7)
+        common::quick().max_receive_count(7)
     );
     let topic = unique("fan");
     let dest = format!("sns:{topic}");
@@ -1106,7 +1089,7 @@ async fn a_closed_broker_refuses_work_and_stops_its_sources() {
 /// visible again at once; a fresh consumer gets exactly the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_confirms_acks_and_gives_back_the_buffer() {
-    let config = || quick().receivers(2).buffer(20);
+    let config = || common::quick().receivers(2).buffer(20);
     let broker = broker_or_skip!("shutdown_confirms_acks_and_gives_back_the_buffer", config());
     let q = queue(&broker, "shutdown").await;
     let envs: Vec<Envelope> = (0..150)

@@ -22,6 +22,7 @@
 
 pub mod env;
 mod harness;
+pub mod interop;
 mod spy;
 pub mod suite;
 

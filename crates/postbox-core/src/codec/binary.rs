@@ -40,16 +40,7 @@ pub fn encode(env: &Envelope) -> Result<Vec<Attribute>, Error> {
         push(attr::TIME, format_time(t)?);
     }
     push(attr::DATACONTENTTYPE, env.content_type.to_string());
-    let optional = [
-        (attr::SUBJECT, env.subject.as_deref()),
-        (attr::DATAVERSION, env.schema_version.as_deref()),
-        (attr::CORRELATIONID, env.correlation_id.as_deref()),
-        (attr::CAUSATIONID, env.causation_id.as_deref()),
-        (attr::PARTITIONKEY, env.key.as_deref()),
-        (attr::TRACEPARENT, env.traceparent.as_deref()),
-        (attr::TRACESTATE, env.tracestate.as_deref()),
-    ];
-    for (name, value) in optional {
+    for (name, value) in optional_attributes(env) {
         if let Some(v) = value {
             push(name, v.to_string());
         }
@@ -308,6 +299,21 @@ fn blank(payload: Bytes) -> Envelope {
         headers: Default::default(),
         payload,
     }
+}
+
+/// The optional string attributes of `env` by CloudEvents name (subject,
+/// dataversion, correlation and causation id, partition key, trace context),
+/// each `None` when unset: one list for every encoder and size estimate.
+pub fn optional_attributes(env: &Envelope) -> [(&'static str, Option<&str>); 7] {
+    [
+        (attr::SUBJECT, env.subject.as_deref()),
+        (attr::DATAVERSION, env.schema_version.as_deref()),
+        (attr::CORRELATIONID, env.correlation_id.as_deref()),
+        (attr::CAUSATIONID, env.causation_id.as_deref()),
+        (attr::PARTITIONKEY, env.key.as_deref()),
+        (attr::TRACEPARENT, env.traceparent.as_deref()),
+        (attr::TRACESTATE, env.tracestate.as_deref()),
+    ]
 }
 
 #[cfg(test)]

@@ -52,3 +52,23 @@ pub async fn broker_with(test: &str, config: SqsConfig) -> Option<SqsBroker> {
 pub async fn broker(test: &str) -> Option<SqsBroker> {
     broker_with(test, config()).await
 }
+
+/// The emulator's configuration with short (1 s) long polls, for tests.
+pub fn quick() -> SqsConfig {
+    config().wait_time(Duration::from_secs(1))
+}
+
+/// A broker on the emulator with short long polls (or `$config`), or a skip
+/// (the test returns).
+#[allow(unused_macros)]
+macro_rules! broker_or_skip {
+    ($test:expr) => {
+        broker_or_skip!($test, common::quick())
+    };
+    ($test:expr, $config:expr) => {
+        match common::broker_with($test, $config).await {
+            Some(b) => b,
+            None => return,
+        }
+    };
+}
