@@ -25,6 +25,7 @@ pub use broker::{
     unsupported, AnyBroker, Backlog, Broker, Capabilities, Health, PartitionLag, StartPosition,
     SubscribeOptions,
 };
+pub use codec::ContentMode;
 pub use delivery::{
     BoxDelivery, BoxFuture, BoxSource, Delivery, Origin, Retry, SettleError, SettleResult, Source,
 };

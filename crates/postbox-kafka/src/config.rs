@@ -12,7 +12,7 @@ use std::fmt;
 use std::time::Duration;
 
 use postbox_core::envelope::Text;
-use postbox_core::{Error, ErrorKind};
+use postbox_core::{ContentMode, Error, ErrorKind};
 use rdkafka::ClientConfig;
 
 use crate::retry::RetryTiers;
@@ -20,6 +20,10 @@ use crate::topology::TopologySpec;
 
 /// The environment variable with the bootstrap servers.
 pub const BOOTSTRAP_ENV: &str = "KAFKA_BOOTSTRAP_SERVERS";
+
+/// The one URL query parameter that is postbox's, not a librdkafka property
+/// (librdkafka has no property of that name).
+const CONTENT_MODE_PARAM: &str = "content_mode";
 
 /// The configuration of a [`KafkaBroker`](crate::KafkaBroker): the
 /// librdkafka properties its producer, consumers and admin client share, and
@@ -61,6 +65,8 @@ pub struct KafkaConfig {
     pub(crate) ops_group: String,
     /// Time-out of admin and metadata requests.
     pub(crate) request_timeout: Duration,
+    /// How envelopes are published.
+    pub(crate) mode: ContentMode,
 }
 
 impl KafkaConfig {
@@ -83,6 +89,7 @@ impl KafkaConfig {
             revoke_timeout: Duration::from_secs(10),
             ops_group: "postbox-dlq-ops".to_string(),
             request_timeout: Duration::from_secs(10),
+            mode: ContentMode::Binary,
         }
     }
 
@@ -157,6 +164,16 @@ impl KafkaConfig {
             if key.is_empty() {
                 return Err(url_error("a query parameter has no name"));
             }
+            if key == CONTENT_MODE_PARAM {
+                let mode = percent_decode(value)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| {
+                        url_error("`content_mode` is neither `binary` nor `structured`")
+                    })?;
+                config = config.content_mode(mode);
+                continue;
+            }
             if key == "bootstrap.servers" {
                 return Err(url_error(
                     "it sets bootstrap.servers as a parameter: the servers are the URL's host:port list",
@@ -167,6 +184,16 @@ impl KafkaConfig {
             config = config.set(&key, value);
         }
         Ok(config)
+    }
+
+    /// How records are published: [`ContentMode::Binary`] (default: `ce_`
+    /// headers, the payload as the value) or [`ContentMode::Structured`]
+    /// (the CloudEvents JSON document as the value). Retry and dead-letter
+    /// copies are written the same way; consumers read both modes whatever
+    /// this says. In a URL: `?content_mode=structured`.
+    pub fn content_mode(mut self, mode: ContentMode) -> Self {
+        self.mode = mode;
+        self
     }
 
     /// Sets a librdkafka property (passed through).
@@ -421,6 +448,17 @@ mod tests {
         assert!(!shown.contains("p@ss"), "{shown}");
         let c = KafkaConfig::from_url("KAFKA://localhost").unwrap();
         assert_eq!(c.get("bootstrap.servers"), Some("localhost"));
+        assert_eq!(c.mode, ContentMode::Binary);
+    }
+
+    #[test]
+    fn url_content_mode_is_postboxs_not_a_librdkafka_property() {
+        let c = KafkaConfig::from_url("kafka://h:9092?content_mode=Structured&acks=all").unwrap();
+        assert_eq!(c.mode, ContentMode::Structured);
+        assert_eq!(c.get("content_mode"), None);
+        assert_eq!(c.get("acks"), Some("all"));
+        let e = KafkaConfig::from_url("kafka://h:9092?content_mode=text").unwrap_err();
+        assert!(e.to_string().contains("content_mode"), "{e}");
     }
 
     #[test]

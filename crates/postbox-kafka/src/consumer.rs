@@ -927,10 +927,12 @@ impl KafkaSource {
         let headers = msg.headers();
         let decoded = codec::decode(
             record,
-            headers
-                .into_iter()
-                .flat_map(|h| h.iter())
-                .map(|h| (h.key, h.value)),
+            || {
+                headers
+                    .into_iter()
+                    .flat_map(|h| h.iter())
+                    .map(|h| (h.key, h.value))
+            },
             &shared.foreign_type,
         );
         let origin_at = match (&decoded.retry.origin, is_retry) {

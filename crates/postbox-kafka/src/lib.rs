@@ -66,6 +66,8 @@ pub use consumer::{KafkaDelivery, KafkaSource};
 pub use publisher::{PRODUCER_DEFAULTS, SYSTEM};
 pub use retry::RetryTiers;
 pub use topology::TopologySpec;
+// Core's definitions, re-exported for the configuration of this crate.
+pub use postbox_core::codec::{ContentMode, STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE};
 
 /// Re-export of the rdkafka crate, for its `ClientConfig` and native types.
 pub use rdkafka;

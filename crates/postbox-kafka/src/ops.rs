@@ -14,7 +14,9 @@
 //!   filter is published to its origin topic (id kept); one that does not is
 //!   **re-appended** to the DLQ unchanged, so that committing past it does not
 //!   lose it; then the group commits past everything it looked at. It stops
-//!   at `limit` replayed records;
+//!   at `limit` replayed records. The dead letter of an undecodable record
+//!   goes back as the record that arrived (key, value and headers), so a
+//!   consumer fixed in the meantime reads the original;
 //! * `purge` commits the group to the high watermarks.
 //!
 //! On tansu the "latest" offset is the base offset of the last *batch* + 1,
@@ -27,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use postbox_core::codec::UNDECODABLE_TYPE;
 use postbox_core::dlq::{prepare_replay, DeadLetterOps, ReplayFilter, ReplayReport};
 use postbox_core::{Envelope, Error, ErrorKind, Health, PartitionLag};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -230,10 +233,12 @@ pub(crate) fn envelope_of(m: &OwnedMessage) -> Envelope {
     let headers = m.headers();
     let decoded = codec::decode(
         rec,
-        headers
-            .into_iter()
-            .flat_map(|h| h.iter())
-            .map(|h| (h.key, h.value)),
+        || {
+            headers
+                .into_iter()
+                .flat_map(|h| h.iter())
+                .map(|h| (h.key, h.value))
+        },
         &std::borrow::Cow::Borrowed(postbox_core::codec::foreign::DEFAULT_FOREIGN_TYPE),
     );
     *decoded.envelope
@@ -340,6 +345,23 @@ impl DeadLetterOps for KafkaOps {
                 None
             };
             let result = match replay {
+                // An undecodable record goes back as it arrived.
+                Some((origin, env)) if env.event_type == UNDECODABLE_TYPE => {
+                    match codec::restore_undecodable(&env) {
+                        Ok(raw) => self
+                            .inner
+                            .publisher
+                            .send_raw(
+                                &origin,
+                                raw.key.as_deref(),
+                                Some(&raw.value[..]),
+                                Some(raw.owned_headers()),
+                            )
+                            .await
+                            .map(|()| report.replayed += 1),
+                        Err(e) => Err(e),
+                    }
+                }
                 Some((origin, env)) => self
                     .inner
                     .publisher

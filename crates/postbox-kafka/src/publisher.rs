@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use postbox_core::telemetry::PublisherMetrics;
-use postbox_core::{BatchReport, Envelope, Error, ErrorKind, Limit, PublishError, Publisher};
+use postbox_core::{
+    BatchReport, ContentMode, Envelope, Error, ErrorKind, Limit, PublishError, Publisher,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -43,6 +45,8 @@ pub(crate) struct KafkaPublisher {
 struct Inner {
     producer: FutureProducer,
     max_bytes: usize,
+    /// How envelopes are written.
+    mode: ContentMode,
     metrics: PublisherMetrics,
     /// Set by [`KafkaPublisher::close`]: nothing is enqueued any more.
     closed: AtomicBool,
@@ -70,6 +74,7 @@ impl KafkaPublisher {
             inner: Arc::new(Inner {
                 producer,
                 max_bytes: config.max_message_bytes(),
+                mode: config.mode,
                 metrics: PublisherMetrics::new(SYSTEM),
                 closed: AtomicBool::new(false),
             }),
@@ -129,15 +134,16 @@ impl KafkaPublisher {
         if self.is_closed() {
             return Err(Self::closed_error());
         }
-        let encoded = codec::encode(env, retry)?;
+        let encoded = codec::encode(env, retry, self.inner.mode)?;
         if encoded.size > self.inner.max_bytes {
             return Err(Error::limit(Limit::BodySize {
                 max: self.inner.max_bytes,
                 actual: encoded.size,
             }));
         }
+        let value = encoded.body.as_deref().unwrap_or(&env.payload[..]);
         let mut record = FutureRecord::to(topic)
-            .payload(&env.payload[..])
+            .payload(value)
             .headers(encoded.headers);
         if let Some(key) = env.key.as_deref() {
             record = record.key(key);

@@ -377,12 +377,33 @@ async fn undecodable_records_are_dead_lettered_without_the_handler() {
     assert_eq!(m.error_type, "decode");
     assert!(m.error.contains("type"), "{}", m.error);
     assert_eq!(m.consumer, "billing");
+    assert_eq!(dead[0].event_type, postbox_kafka::UNDECODABLE_TYPE);
     assert_eq!(&dead[0].payload[..], br#"{"broken":true}"#);
+    // Every header as it arrived, the broken `ce_` ones included.
     assert_eq!(dead[0].headers["x-trace"], "abc");
+    assert_eq!(dead[0].headers["ce_id"], "broken-1");
+    assert_eq!(dead[0].headers["ce_source"], "legacy");
+    assert_eq!(dead[0].key.as_deref(), Some("k"));
     assert!(
         !dead[0].headers.contains_key(postbox_kafka::DECODE_ERROR),
         "the carrier header does not travel"
     );
+    // A replay puts the original record back: read raw, the copy at the end
+    // of the topic has the first record's key, value and headers.
+    let report = h
+        .broker
+        .replay(&dlq, &|_: &Envelope| true, 10)
+        .await
+        .unwrap();
+    assert_eq!(report.replayed, 1, "{report:?}");
+    assert_eq!(h.broker.count(&dlq).await.unwrap(), 0);
+    let records = h.broker.peek(&t, 10).await.unwrap();
+    assert_eq!(records.len(), 3, "{records:?}");
+    let (first, replayed) = (&records[0], &records[2]);
+    assert_eq!(replayed.event_type, postbox_kafka::UNDECODABLE_TYPE);
+    assert_eq!(replayed.payload, first.payload);
+    assert_eq!(replayed.key, first.key);
+    assert_eq!(replayed.headers, first.headers);
 }
 
 /// Records larger than `message.max.bytes` fail before sending, typed, with

@@ -57,10 +57,13 @@ use base64::Engine as _;
 use bytes::Bytes;
 use lapin::types::{AMQPValue, DecimalValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
-use postbox_core::codec::{attr, binary, foreign, format_time, is_reserved, structured};
+use postbox_core::codec::{
+    attr, binary, check_event_format, foreign, format_time, is_reserved,
+    is_structured_content_type, structured, ContentMode, STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE,
+};
 use postbox_core::{dlq, Envelope, Error, ErrorKind, MessageId};
 
-use crate::config::{ContentMode, HeaderPrefix};
+use crate::config::HeaderPrefix;
 
 /// The prefixes accepted when decoding, in order.
 pub(crate) const DECODE_PREFIXES: [&str; 3] = ["cloudEvents:", "cloudEvents_", "ce-"];
@@ -71,15 +74,6 @@ pub(crate) const DUE_HEADER: &str = "postbox-due";
 pub(crate) const TIER_HEADER: &str = "postbox-delay-tier";
 /// Header quorum queues set on redeliveries.
 pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
-
-/// The `content_type` of a structured-mode message postbox publishes.
-pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json; charset=UTF-8";
-
-/// The media-type prefix that means structured mode (the AMQP binding).
-const CLOUDEVENTS_MEDIA: &str = "application/cloudevents";
-
-/// The one event format read in structured mode.
-const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 
 /// The most CloudEvents metadata one message may carry, in bytes as
 /// [`metadata_bytes`] counts them: checked when publishing (an `Encode`
@@ -92,12 +86,6 @@ pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 /// What [`metadata_bytes`] adds per attribute besides its name and value:
 /// the header prefix and the AMQP field-table encoding.
 const ATTRIBUTE_OVERHEAD: usize = 20;
-
-/// The `type` of the envelope of an undecodable message: a message with
-/// CloudEvents markers that breaks the format, handed to the consumer
-/// runtime (and dead-lettered) as what arrived — its body as the payload, its
-/// AMQP headers and properties as headers (see the crate README).
-pub const UNDECODABLE_TYPE: &str = "postbox.undecodable";
 
 /// Envelope headers of an undecodable message that carry AMQP properties:
 /// `amqp:<property>` (AMQP 0-9-1 names: `amqp:content-type`,
@@ -178,7 +166,7 @@ pub(crate) fn encode(
         ContentMode::Binary => {
             let mut props = props.with_headers(encode_headers(env, prefix)?);
             // A binary message must not look structured to its receivers.
-            if !is_cloudevents_media(&env.content_type) {
+            if !is_structured_content_type(&env.content_type) {
                 if let Ok(ct) = ShortString::try_new(env.content_type.as_ref()) {
                     props = props.with_content_type(ct);
                 }
@@ -236,13 +224,6 @@ fn native_properties(env: &Envelope) -> BasicProperties {
         props = props.with_timestamp(secs);
     }
     props
-}
-
-/// Whether a content type names a CloudEvents event format (structured mode).
-fn is_cloudevents_media(content_type: &str) -> bool {
-    content_type
-        .get(..CLOUDEVENTS_MEDIA.len())
-        .is_some_and(|p| p.eq_ignore_ascii_case(CLOUDEVENTS_MEDIA))
 }
 
 /// The size of an envelope's CloudEvents metadata as [`MAX_METADATA_BYTES`]
@@ -379,13 +360,8 @@ pub(crate) fn decode(
         .as_ref()
         .map(|c| c.as_str())
         .filter(|c| !c.is_empty());
-    if let Some(ct) = content_type.filter(|ct| is_cloudevents_media(ct)) {
-        let essence = ct.split(';').next().unwrap_or_default().trim();
-        if !essence.eq_ignore_ascii_case(CLOUDEVENTS_JSON) {
-            return Err(decode_error(format!(
-                "content type `{ct}` names a CloudEvents event format this adapter does not read (it reads {CLOUDEVENTS_JSON})"
-            )));
-        }
+    if let Some(ct) = content_type.filter(|ct| is_structured_content_type(ct)) {
+        check_event_format(ct)?;
         let env = structured::decode(&body)?;
         check_metadata(&env, ErrorKind::Decode)?;
         return Ok(env);

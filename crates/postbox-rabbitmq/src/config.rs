@@ -7,7 +7,7 @@ use std::fmt;
 use std::time::Duration;
 
 use lapin::ConnectionProperties;
-use postbox_core::{Error, ErrorKind};
+use postbox_core::{ContentMode, Error, ErrorKind};
 
 use crate::topology::{tier_queue, QueueKind};
 
@@ -57,20 +57,6 @@ impl HeaderPrefix {
             HeaderPrefix::Ce => "ce-",
         }
     }
-}
-
-/// How a message carries its CloudEvent (the AMQP binding's two content modes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ContentMode {
-    /// Attributes in the headers table (prefixed, see [`HeaderPrefix`]), the
-    /// payload as the body, byte for byte (default).
-    #[default]
-    Binary,
-    /// The body is the CloudEvents JSON document
-    /// (`content_type = application/cloudevents+json; charset=UTF-8`); no
-    /// attribute headers. For receivers that read the event format rather
-    /// than AMQP headers.
-    Structured,
 }
 
 /// The default delay tiers: a 1-2-5 series from 20 ms to 1 h.
@@ -190,11 +176,7 @@ impl RabbitConfig {
                     }
                 }
                 "content_mode" => {
-                    config.mode = match value.to_ascii_lowercase().as_str() {
-                        "binary" => ContentMode::Binary,
-                        "structured" => ContentMode::Structured,
-                        _ => return Err(invalid()),
-                    }
+                    config.mode = value.parse().map_err(|_| invalid())?;
                 }
                 "max_message_size" => {
                     config.max_message_size = value.parse().map_err(|_| invalid())?

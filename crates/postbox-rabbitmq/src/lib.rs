@@ -63,13 +63,15 @@ mod publisher;
 mod retry;
 mod topology;
 
-pub use codec::{metadata_bytes, MAX_METADATA_BYTES, STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE};
+pub use codec::{metadata_bytes, MAX_METADATA_BYTES};
 pub use config::{
-    default_tiers, ContentMode, HeaderPrefix, RabbitConfig, AMQP_URL_ENV, DEFAULT_DELAY_EXCHANGE,
+    default_tiers, HeaderPrefix, RabbitConfig, AMQP_URL_ENV, DEFAULT_DELAY_EXCHANGE,
     DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PREFETCH, DEFAULT_URL,
 };
 pub use consumer::{RabbitDelivery, RabbitSource};
+// Core's definitions, re-exported for the configuration and tests of this crate.
 pub use lapin::{ConnectionProperties, ExchangeKind};
+pub use postbox_core::codec::{ContentMode, STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE};
 pub use publisher::RabbitBroker;
 pub use topology::{BindingSpec, ExchangeSpec, Overflow, QueueKind, QueueSpec, Topology};
 

@@ -108,7 +108,7 @@ impl RabbitBroker {
         view: Envelope,
         d: &lapin::message::Delivery,
     ) -> Result<bool, Error> {
-        if view.event_type == codec::UNDECODABLE_TYPE {
+        if view.event_type == postbox_core::codec::UNDECODABLE_TYPE {
             if let Some(origin) = view.headers.get(dlq::ORIGIN) {
                 let route = codec::route(origin, &view);
                 let original = codec::restore_undecodable(&view)?;

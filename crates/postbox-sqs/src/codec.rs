@@ -36,7 +36,7 @@ use aws_sdk_sqs::types::MessageAttributeValue;
 use base64::Engine as _;
 use bytes::Bytes;
 use postbox_core::codec::foreign::{self, Foreign};
-use postbox_core::codec::{is_reserved, structured};
+use postbox_core::codec::{is_reserved, structured, UNDECODABLE_TYPE};
 use postbox_core::envelope::Text;
 use postbox_core::{dlq, Envelope, Error, ErrorKind, Limit};
 
@@ -48,11 +48,6 @@ pub const MAX_ATTRIBUTES: usize = 10;
 pub const SQS_MAX_BYTES: usize = 1024 * 1024;
 /// Largest SNS message (body plus attributes): 256 KiB.
 pub const SNS_MAX_BYTES: usize = 256 * 1024;
-/// The `type` of the envelope that describes an undecodable message: a body
-/// that claims to be a CloudEvent but breaks the format. Its payload is the
-/// SQS body as it arrived, its headers the message attributes; replaying its
-/// dead-letter copy sends that body back unchanged.
-pub const UNDECODABLE_TYPE: &str = "postbox.undecodable";
 /// The content type of an undecodable message's envelope whose body is not
 /// even JSON: text, so its dead-letter copy carries it readably (a JSON
 /// string in `data`). A body that is JSON gets `application/json` and sits

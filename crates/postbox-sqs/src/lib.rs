@@ -91,9 +91,11 @@ mod topology;
 
 pub use codec::{
     attribute_header, ATTRIBUTE_ESCAPE, ATTR_TYPE, MAX_ATTRIBUTES, SNS_MAX_BYTES, SQS_MAX_BYTES,
-    UNDECODABLE_TEXT, UNDECODABLE_TYPE,
+    UNDECODABLE_TEXT,
 };
+// Core's definition, re-exported next to the SQS-specific constants.
 pub use config::{queue_name, FifoDeduplication, SqsConfig};
+pub use postbox_core::codec::UNDECODABLE_TYPE;
 pub use publisher::{SqsBroker, MAX_BATCH, MAX_DELAY, SYSTEM};
 pub use retry::MAX_VISIBILITY;
 pub use topology::{QueueSpec, SubscriptionSpec};

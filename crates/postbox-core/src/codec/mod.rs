@@ -26,8 +26,120 @@ use crate::error::{Error, ErrorKind};
 /// The CloudEvents specification version postbox writes and reads.
 pub const SPEC_VERSION: &str = "1.0";
 
-/// The content type of a structured-mode CloudEvents JSON document.
-pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+/// The content type of a structured-mode message postbox writes: the
+/// CloudEvents JSON event format.
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json; charset=UTF-8";
+
+/// The media-type prefix that marks structured mode in the Kafka and AMQP
+/// bindings: any content type starting with it names an event format.
+const CLOUDEVENTS_MEDIA: &str = "application/cloudevents";
+
+/// The one event format postbox reads in structured mode.
+const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+
+/// The `type` of the envelope that stands for an **undecodable** message: one
+/// that carries CloudEvents markers (attribute headers, or a structured-mode
+/// content type) but breaks the format. Every adapter hands it to the consumer
+/// runtime as what arrived (the body unchanged as payload, the transport
+/// metadata as headers, see each adapter's README) through
+/// [`Delivery::decode_error`](crate::Delivery::decode_error), and the runtime
+/// dead-letters it with reason `decode` before any handler runs; replaying
+/// its dead-letter copy puts the original back.
+pub const UNDECODABLE_TYPE: &str = "postbox.undecodable";
+
+/// How a message carries its CloudEvent on brokers with headers (Kafka,
+/// RabbitMQ): the two content modes of the CloudEvents protocol bindings.
+/// Receivers read both whatever a publisher chose; SQS and SNS always use
+/// the structured form.
+///
+/// ```
+/// use postbox_core::codec::ContentMode;
+/// assert_eq!(ContentMode::default(), ContentMode::Binary);
+/// assert_eq!("structured".parse::<ContentMode>().unwrap(), ContentMode::Structured);
+/// assert!("text".parse::<ContentMode>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum ContentMode {
+    /// Attributes as prefixed headers (`ce_` on Kafka, `cloudEvents:` on
+    /// AMQP), the payload as the body byte for byte (default: the smallest
+    /// body, and brokers route and filter on headers).
+    #[default]
+    Binary,
+    /// The body is the CloudEvents JSON document, with content type
+    /// [`STRUCTURED_CONTENT_TYPE`] and no attribute headers: for receivers
+    /// that read the event format rather than headers, and cheaper to parse
+    /// where headers are costly (Kafka).
+    Structured,
+}
+
+impl ContentMode {
+    /// The lower-case name used in URLs and configuration (`binary`, `structured`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContentMode::Binary => "binary",
+            ContentMode::Structured => "structured",
+        }
+    }
+}
+
+impl std::fmt::Display for ContentMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ContentMode {
+    type Err = Error;
+
+    /// `binary` or `structured`, in any case; anything else is a `Config` error.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if s.eq_ignore_ascii_case("binary") {
+            Ok(ContentMode::Binary)
+        } else if s.eq_ignore_ascii_case("structured") {
+            Ok(ContentMode::Structured)
+        } else {
+            Err(Error::new(
+                ErrorKind::Config,
+                format!("content mode {s:?} is neither `binary` nor `structured`"),
+            ))
+        }
+    }
+}
+
+/// Whether a content type marks structured mode: it starts with
+/// `application/cloudevents` (any case), as the Kafka and AMQP bindings say.
+///
+/// ```
+/// use postbox_core::codec::is_structured_content_type;
+/// assert!(is_structured_content_type("application/cloudevents+json; charset=UTF-8"));
+/// assert!(is_structured_content_type("Application/CloudEvents-batch+json"));
+/// assert!(!is_structured_content_type("application/json"));
+/// ```
+pub fn is_structured_content_type(content_type: &str) -> bool {
+    content_type
+        .get(..CLOUDEVENTS_MEDIA.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(CLOUDEVENTS_MEDIA))
+}
+
+/// Checks that a structured-mode content type names the JSON event format,
+/// the one postbox reads: another format (`+avro`, `-batch+json`, …) is a
+/// `Decode` error that names it.
+///
+/// ```
+/// use postbox_core::codec::check_event_format;
+/// assert!(check_event_format("application/cloudevents+json; charset=utf-8").is_ok());
+/// assert!(check_event_format("application/cloudevents+avro").is_err());
+/// ```
+pub fn check_event_format(content_type: &str) -> Result<(), Error> {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    if essence.eq_ignore_ascii_case(CLOUDEVENTS_JSON) {
+        Ok(())
+    } else {
+        Err(decode_error(format!(
+            "content type `{content_type}` names a CloudEvents event format postbox does not read (it reads {CLOUDEVENTS_JSON})"
+        )))
+    }
+}
 
 /// CloudEvents attribute names used by the envelope.
 pub mod attr {
