@@ -24,14 +24,21 @@
 //!   struct of its own ([`RawEvent`]: `uuid` id, `time` RFC 3339, owned
 //!   strings) — the same decode into the same type as postbox's envelope
 //!   (docs/design.md §12), so the consume target is judged against it.
+//! * **structured mode** (unless `--no-structured`): the same rounds with the
+//!   CloudEvents JSON document as the record value and one `content-type`
+//!   header. Raw: the document of a template envelope, computed once, sent
+//!   as the value; its consumer parses the JSON into a struct of its own
+//!   ([`RawJsonEvent`]: the same fields, `data` borrowed). postbox: a
+//!   `KafkaBroker` with `ContentMode::Structured`; the same consumer.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use bytes::Bytes;
-use postbox_core::codec::{attr, binary};
+use postbox_core::codec::{attr, binary, structured, ContentMode};
 use postbox_core::{
     Broker, Consumer, DeadLetterRouter, Envelope, Handler, HandlerResult, Publisher,
     SubscribeOptions,
@@ -60,6 +67,7 @@ options:
   --store-every S    raw consumer: store the offset every S records (default 1000)
   --linger-ms L      producer linger.ms (default 5)
   --no-headerless    skip the headerless raw runs (the envelope's wire cost)
+  --no-structured    skip the structured-mode runs (JSON document as the value)
 ";
 
 #[derive(Debug, Clone)]
@@ -72,6 +80,7 @@ struct Options {
     store_every: u64,
     linger_ms: u32,
     headerless: bool,
+    structured: bool,
 }
 
 fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
@@ -88,6 +97,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
         store_every: 1_000,
         linger_ms: 5,
         headerless: true,
+        structured: true,
     };
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
@@ -104,6 +114,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
             "--store-every" => o.store_every = num("--store-every", value("--store-every")?)?,
             "--linger-ms" => o.linger_ms = num("--linger-ms", value("--linger-ms")?)?,
             "--no-headerless" => o.headerless = false,
+            "--no-structured" => o.structured = false,
             "-h" | "--help" => {
                 print!("{USAGE}");
                 std::process::exit(0);
@@ -179,6 +190,9 @@ enum HeaderWork {
     /// Decodes the CloudEvents attributes into a struct of its own, the way a
     /// hand-written CloudEvents consumer does ([`RawEvent`]).
     Decode,
+    /// Structured mode: parses the value, a CloudEvents JSON document, into
+    /// a struct of its own ([`RawJsonEvent`]) and hands `data` to the work.
+    DecodeJson,
 }
 
 impl HeaderWork {
@@ -187,6 +201,7 @@ impl HeaderWork {
             HeaderWork::Ignore => "raw rdkafka",
             HeaderWork::Read => "raw, reads headers",
             HeaderWork::Decode => "raw, decodes CE",
+            HeaderWork::DecodeJson => "raw structured",
         }
     }
 }
@@ -234,11 +249,36 @@ fn raw_event(headers: &rdkafka::message::BorrowedHeaders) -> RawEvent {
     event
 }
 
+/// What a hand-written consumer of structured-mode records parses the value
+/// into: the fields of [`RawEvent`], `data` borrowed from the value.
+#[derive(Debug, serde::Deserialize)]
+// The fields are only black-boxed: what is measured is the parse.
+#[allow(dead_code)]
+struct RawJsonEvent<'a> {
+    specversion: &'a str,
+    /// Parsed as a UUID after deserializing (as [`RawEvent`] does).
+    id: &'a str,
+    #[serde(rename = "type")]
+    event_type: String,
+    source: String,
+    /// RFC 3339, parsed after deserializing (as [`RawEvent`] does).
+    time: Option<&'a str>,
+    datacontenttype: Option<String>,
+    #[serde(borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
+    /// The bench payload is binary: it travels base64-encoded.
+    data_base64: Option<&'a str>,
+    #[serde(flatten)]
+    extensions: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Raw,
     RawHeaderless,
     Postbox,
+    RawStructured,
+    PostboxStructured,
 }
 
 impl Side {
@@ -247,6 +287,8 @@ impl Side {
             Side::Raw => "raw rdkafka",
             Side::RawHeaderless => "raw, no headers",
             Side::Postbox => "postbox-kafka",
+            Side::RawStructured => "raw structured",
+            Side::PostboxStructured => "postbox structured",
         }
     }
 }
@@ -258,6 +300,10 @@ struct Bench {
     raw_producer: FutureProducer,
     /// Publishes, and creates the topics (1 partition, no retry tiers or DLQ).
     publisher: KafkaBroker,
+    /// Publishes in structured mode (otherwise the same settings).
+    structured_publisher: KafkaBroker,
+    /// The raw side's structured-mode value: the template's JSON document.
+    structured_value: Bytes,
     /// Consumes (the consumer settings; no retry tier topics).
     consumer: KafkaBroker,
     run_id: String,
@@ -283,6 +329,8 @@ impl Bench {
             Side::Raw => "raw",
             Side::RawHeaderless => "bare",
             Side::Postbox => "postbox",
+            Side::RawStructured => "raw-structured",
+            Side::PostboxStructured => "postbox-structured",
         });
         self.create_topic(&topic).await;
         let started = Instant::now();
@@ -301,6 +349,31 @@ impl Bench {
             }
             Side::Postbox => {
                 postbox_publish(&self.publisher, &topic, n, &self.payload, self.o.chunk).await
+            }
+            Side::RawStructured => {
+                let headers = [(
+                    postbox_kafka::CONTENT_TYPE.to_string(),
+                    postbox_kafka::STRUCTURED_CONTENT_TYPE.to_string(),
+                )];
+                raw_publish(
+                    &self.raw_producer,
+                    &topic,
+                    n,
+                    &self.structured_value,
+                    Some(&headers),
+                    self.o.chunk,
+                )
+                .await
+            }
+            Side::PostboxStructured => {
+                postbox_publish(
+                    &self.structured_publisher,
+                    &topic,
+                    n,
+                    &self.payload,
+                    self.o.chunk,
+                )
+                .await
             }
         }
         (topic, started.elapsed())
@@ -329,7 +402,10 @@ impl Bench {
             Side::Raw | Side::RawHeaderless => {
                 raw_consume(&self.o, topic, &group, n, HeaderWork::Ignore).await
             }
-            Side::Postbox => {
+            Side::RawStructured => {
+                raw_consume(&self.o, topic, &group, n, HeaderWork::DecodeJson).await
+            }
+            Side::Postbox | Side::PostboxStructured => {
                 postbox_consume(&self.consumer, &self.publisher, topic, &group, n).await
             }
         };
@@ -456,7 +532,26 @@ async fn raw_consume(o: &Options, topic: &str, group: &str, n: u64, work: Header
             }
             _ => {}
         }
-        workload::handle(msg.payload().unwrap_or_default());
+        if work == HeaderWork::DecodeJson {
+            let event: RawJsonEvent<'_> =
+                serde_json::from_slice(msg.payload().unwrap_or_default()).expect("a CloudEvent");
+            assert_eq!(event.specversion, "1.0", "CloudEvents 1.0");
+            black_box(uuid::Uuid::parse_str(event.id).ok());
+            black_box(event.time.map(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            }));
+            let data = match (event.data, event.data_base64) {
+                (_, Some(b64)) => base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .expect("data_base64"),
+                (Some(json), None) => json.get().as_bytes().to_vec(),
+                (None, None) => panic!("an event without data"),
+            };
+            workload::handle(&data);
+            black_box(event);
+        } else {
+            workload::handle(msg.payload().unwrap_or_default());
+        }
         black_box(msg.offset());
         seen += 1;
         last = Some((msg.partition(), msg.offset()));
@@ -575,6 +670,8 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
     let payload = workload::payload(o.payload);
     let template = Envelope::new(EVENT_TYPE, payload.clone());
     let headers = ce_headers(&template);
+    let structured_value =
+        Bytes::from(structured::encode(&template).expect("template envelope encodes"));
     let header_bytes: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
 
     println!(
@@ -629,10 +726,17 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
             ..TopologySpec::new(1, 1)
         };
         let publisher = KafkaBroker::connect(
-            KafkaConfig::from_client_config(producer_config(&o)).topology(topics),
+            KafkaConfig::from_client_config(producer_config(&o)).topology(topics.clone()),
         )
         .await
         .expect("postbox publisher");
+        let structured_publisher = KafkaBroker::connect(
+            KafkaConfig::from_client_config(producer_config(&o))
+                .topology(topics)
+                .content_mode(ContentMode::Structured),
+        )
+        .await
+        .expect("postbox structured publisher");
         let consumer = KafkaBroker::connect(
             KafkaConfig::from_client_config(consumer_config(&o)).consume_retry_topics(false),
         )
@@ -652,6 +756,8 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
             headers,
             raw_producer,
             publisher,
+            structured_publisher,
+            structured_value,
             consumer,
             run_id,
             names: 0,
@@ -659,6 +765,9 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
         let mut sides = vec![Side::Raw, Side::Postbox];
         if o.headerless {
             sides.push(Side::RawHeaderless);
+        }
+        if o.structured {
+            sides.extend([Side::RawStructured, Side::PostboxStructured]);
         }
         let mut publish = vec![Rates::default(); sides.len()];
         let mut consume = vec![Rates::default(); sides.len()];
@@ -771,6 +880,25 @@ pub(crate) fn main(args: impl Iterator<Item = String>) {
                     decoded,
                     raw,
                     "[what decoding the headers costs by hand]",
+                );
+            }
+            if o.structured {
+                let at = |side| sides.iter().position(|s| *s == side).expect("side");
+                let (raw_s, pb_s) = (
+                    &rates[at(Side::RawStructured)],
+                    &rates[at(Side::PostboxStructured)],
+                );
+                ratio_line(
+                    "structured: postbox / raw",
+                    pb_s,
+                    raw_s,
+                    "[JSON document as the value; raw parses it into its own struct]",
+                );
+                ratio_line(
+                    "structured / binary, postbox",
+                    pb_s,
+                    pb,
+                    "[what the content mode changes for postbox]",
                 );
             }
             if o.headerless {
