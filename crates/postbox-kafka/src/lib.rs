@@ -64,7 +64,6 @@ pub use codec::{CE_PREFIX, CONTENT_TYPE, DECODE_ERROR};
 pub use config::{KafkaConfig, BOOTSTRAP_ENV};
 pub use consumer::{KafkaDelivery, KafkaSource};
 pub use publisher::{PRODUCER_DEFAULTS, SYSTEM};
-pub use retry::RetryTiers;
 pub use topology::TopologySpec;
 
 /// Re-export of the rdkafka crate, for its `ClientConfig` and native types.

@@ -65,7 +65,7 @@ mod topology;
 
 pub use codec::{metadata_bytes, MAX_METADATA_BYTES, STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE};
 pub use config::{
-    default_tiers, ContentMode, HeaderPrefix, RabbitConfig, AMQP_URL_ENV, DEFAULT_DELAY_EXCHANGE,
+    ContentMode, HeaderPrefix, RabbitConfig, AMQP_URL_ENV, DEFAULT_DELAY_EXCHANGE,
     DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PREFETCH, DEFAULT_URL,
 };
 pub use consumer::{RabbitDelivery, RabbitSource};
