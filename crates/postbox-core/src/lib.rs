@@ -3,14 +3,16 @@
 //! The broker-agnostic heart of postbox: the [`Envelope`] and its CloudEvents
 //! [`codec`]s, the [`Broker`] handle and the [`Publisher`] / [`Source`] /
 //! [`Delivery`] traits adapters implement, the [`Handler`] pipeline and its middleware, the
-//! [`RetryPolicy`], dead-letter routing ([`dlq`]), [`idempotency`], and the
-//! consumer runtime ([`Consumer`]) that maps handler outcomes onto settle
+//! [`RetryPolicy`], the delay tiers and due-time header of brokers without a
+//! per-message delay ([`delay`]), dead-letter routing ([`dlq`]),
+//! [`idempotency`], and the consumer runtime ([`Consumer`]) that maps handler outcomes onto settle
 //! operations with the same meaning on every broker.
 //!
 //! Core depends on no broker client.
 
 mod broker;
 pub mod codec;
+pub mod delay;
 pub mod delivery;
 pub mod dlq;
 pub mod envelope;

@@ -35,7 +35,7 @@
 //! are `postbox-*` headers outside the envelope.
 
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -51,8 +51,12 @@ use rdkafka::message::{Header, OwnedHeaders};
 pub const CE_PREFIX: &str = "ce_";
 /// The header that carries `datacontenttype`.
 pub const CONTENT_TYPE: &str = "content-type";
-/// Retry copies: when the copy is due (milliseconds since the Unix epoch).
-pub(crate) const RETRY_DUE: &str = "postbox-retry-due";
+/// Retry copies: when the copy is due (`postbox-due`, the encoding of
+/// [`postbox_core::delay`]: Unix milliseconds, rounded up).
+pub(crate) const RETRY_DUE: &str = postbox_core::delay::DUE_HEADER;
+/// The due header of older versions: still read, because copies they wrote
+/// may still sit in retry topics; never written.
+pub(crate) const LEGACY_RETRY_DUE: &str = "postbox-retry-due";
 /// Retry copies: the topic the message was first consumed from.
 pub(crate) const ORIGIN_TOPIC: &str = "postbox-origin-topic";
 /// Retry copies: the partition the message was first consumed from.
@@ -166,11 +170,7 @@ pub(crate) fn encode(
     if let Some(info) = retry {
         let mut extra: Vec<(&str, String)> = Vec::with_capacity(4);
         if let Some(due) = info.due {
-            // Rounded up: a copy read back must never be due before the
-            // time the caller asked for.
-            let since = due.duration_since(UNIX_EPOCH).unwrap_or_default();
-            let ms = since.as_millis() + u128::from(since.subsec_nanos() % 1_000_000 != 0);
-            extra.push((RETRY_DUE, ms.to_string()));
+            extra.push((RETRY_DUE, postbox_core::delay::format_due(due)));
         }
         if let Some((topic, partition, offset)) = &info.origin {
             extra.push((ORIGIN_TOPIC, topic.clone()));
@@ -273,11 +273,10 @@ where
             }
         } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
             content_type = value;
-        } else if name == RETRY_DUE {
+        } else if name == RETRY_DUE || name == LEGACY_RETRY_DUE {
             retry.due = value
                 .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+                .and_then(postbox_core::delay::parse_due);
         } else if name == ORIGIN_TOPIC {
             origin.0 = value.and_then(|v| std::str::from_utf8(v).ok());
         } else if name == ORIGIN_PARTITION {
@@ -530,6 +529,7 @@ fn foreign_envelope(
 mod tests {
     use super::*;
     use rdkafka::message::Headers as _;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn pairs(h: &OwnedHeaders) -> Vec<(String, Vec<u8>)> {
         h.iter()

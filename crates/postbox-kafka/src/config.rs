@@ -11,11 +11,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use postbox_core::delay::DelayTiers;
 use postbox_core::envelope::Text;
 use postbox_core::{ContentMode, Error, ErrorKind};
 use rdkafka::ClientConfig;
 
-use crate::retry::RetryTiers;
 use crate::topology::TopologySpec;
 
 /// The environment variable with the bootstrap servers.
@@ -52,7 +52,7 @@ const CONTENT_MODE_PARAM: &str = "content_mode";
 pub struct KafkaConfig {
     client: ClientConfig,
     /// Delay tiers of the retry topics (`<topic>.retry.<tier>`).
-    pub(crate) tiers: RetryTiers,
+    pub(crate) tiers: DelayTiers,
     /// What `provision` (and `subscribe`, unless told not to) creates.
     pub(crate) topology: TopologySpec,
     /// The `type` of envelopes synthesized for foreign records.
@@ -82,7 +82,7 @@ impl KafkaConfig {
     pub fn from_client_config(client: ClientConfig) -> Self {
         KafkaConfig {
             client,
-            tiers: RetryTiers::default(),
+            tiers: DelayTiers::coarse(),
             topology: TopologySpec::default(),
             foreign_type: Text::Borrowed(postbox_core::codec::foreign::DEFAULT_FOREIGN_TYPE),
             retry_topics: true,
@@ -217,8 +217,10 @@ impl KafkaConfig {
         &mut self.client
     }
 
-    /// Sets the retry delay tiers (default [`RetryTiers::default`]).
-    pub fn retry_tiers(mut self, tiers: RetryTiers) -> Self {
+    /// Sets the delay tiers of the retry topics `<topic>.retry.<tier>`
+    /// (default [`DelayTiers::coarse`]: 1 s, 10 s, 1 min, 10 min, 1 h). A
+    /// retry goes to the tier [`covering`](DelayTiers::covering) its delay.
+    pub fn retry_tiers(mut self, tiers: DelayTiers) -> Self {
         self.tiers = tiers;
         self
     }

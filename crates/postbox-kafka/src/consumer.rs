@@ -55,6 +55,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
+use postbox_core::delay::DelayTiers;
 use postbox_core::envelope::Text;
 use postbox_core::{
     Delivery, Envelope, Error, ErrorKind, Origin, Retry, SettleError, SettleResult, Source,
@@ -71,7 +72,7 @@ use crate::codec::{self, RecordRef, RetryInfo, DECODE_ERROR};
 use crate::config::KafkaConfig;
 use crate::error::from_kafka;
 use crate::publisher::{KafkaPublisher, SYSTEM};
-use crate::retry::RetryTiers;
+use crate::retry::{retry_topic, retry_topics};
 
 /// A partition of one of the source's topics: the topic as its index in
 /// [`Shared::topics`] (0 is the origin topic, then the retry tiers), so a key
@@ -298,7 +299,7 @@ struct Shared {
     group: String,
     /// The origin topic first (key index 0), then the retry tiers.
     topics: Vec<Arc<str>>,
-    tiers: RetryTiers,
+    tiers: DelayTiers,
     foreign_type: Text,
     revoke_timeout: Duration,
     explicit_commit: bool,
@@ -635,7 +636,7 @@ impl KafkaSource {
         let explicit_commit = native.get("enable.auto.commit") == Some("false");
         let mut topics: Vec<Arc<str>> = vec![Arc::from(topic)];
         if config.retry_topics {
-            topics.extend(tiers.topics(topic).into_iter().map(Arc::from));
+            topics.extend(retry_topics(topic, &tiers).into_iter().map(Arc::from));
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -1273,10 +1274,7 @@ impl Delivery for KafkaDelivery {
                 self.origin_at.1,
             )),
         };
-        let topic = self
-            .shared
-            .tiers
-            .topic_for(self.shared.origin_topic(), retry.delay);
+        let topic = retry_topic(self.shared.origin_topic(), &self.shared.tiers, retry.delay);
         match self.shared.publisher.send(&topic, copy, Some(&info)).await {
             Ok(_) => {
                 // The copy is durable: only now is the original done.

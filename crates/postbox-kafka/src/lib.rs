@@ -64,7 +64,6 @@ pub use codec::{CE_PREFIX, CONTENT_TYPE, DECODE_ERROR};
 pub use config::{KafkaConfig, BOOTSTRAP_ENV};
 pub use consumer::{KafkaDelivery, KafkaSource};
 pub use publisher::{PRODUCER_DEFAULTS, SYSTEM};
-pub use retry::RetryTiers;
 pub use topology::TopologySpec;
 // Core's definitions, re-exported for the configuration of this crate.
 pub use postbox_core::codec::{ContentMode, STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE};

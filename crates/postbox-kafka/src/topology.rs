@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use postbox_core::delay::DelayTiers;
 use postbox_core::{Error, ErrorKind};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -11,7 +12,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
 use crate::error::{from_kafka, kind_of_code};
-use crate::retry::{dlq_topic, RetryTiers};
+use crate::retry::{dlq_topic, retry_topics};
 
 /// What provisioning creates for a topic: the topic, its retry tier topics
 /// and its DLQ `<topic>.dlq`, with these partitions, replication and topic
@@ -71,7 +72,7 @@ impl Default for TopologySpec {
 /// The admin client: creates and deletes topics.
 pub(crate) struct Admin {
     admin: AdminClient<DefaultClientContext>,
-    tiers: RetryTiers,
+    tiers: DelayTiers,
     timeout: Duration,
 }
 
@@ -93,7 +94,7 @@ impl Admin {
     pub(crate) fn topic_names(&self, topic: &str, spec: &TopologySpec) -> Vec<String> {
         let mut names = vec![topic.to_string()];
         if spec.retry_tiers {
-            names.extend(self.tiers.topics(topic));
+            names.extend(retry_topics(topic, &self.tiers));
         }
         if spec.dlq {
             names.push(dlq_topic(topic));

@@ -678,9 +678,10 @@ mod sqs {
 /// its retry tier topics and DLQ, consumed by the group named like the topic.
 mod kafka {
     use super::*;
+    use postbox_core::delay::DelayTiers;
     use postbox_core::{Broker as _, DeadLetterOps as _, SubscribeOptions};
-    use postbox_kafka::retry::dlq_topic;
-    use postbox_kafka::{KafkaBroker, KafkaConfig, RetryTiers, TopologySpec};
+    use postbox_kafka::retry::{dlq_topic, retry_topics};
+    use postbox_kafka::{KafkaBroker, KafkaConfig, TopologySpec};
 
     /// Partitions of the topic (the records of one key stay in one).
     const PARTITIONS: i32 = 4;
@@ -691,8 +692,8 @@ mod kafka {
     }
 
     /// Delay tiers of the retry topics `<topic>.retry.<tier>`.
-    fn tiers() -> RetryTiers {
-        RetryTiers::new([Duration::from_secs(1), Duration::from_secs(5)])
+    fn tiers() -> DelayTiers {
+        DelayTiers::new([Duration::from_secs(1), Duration::from_secs(5)]).expect("non-empty tiers")
     }
 
     /// Client settings of both processes (like postbox-kafka's tests).
@@ -761,7 +762,7 @@ mod kafka {
         /// Pending = the group's lag on the topic and its retry tiers.
         async fn left(&self, topic: &str) -> Result<Left, Error> {
             let (mut pending, mut detail) = (0, Vec::new());
-            for t in std::iter::once(topic.to_string()).chain(tiers().topics(topic)) {
+            for t in std::iter::once(topic.to_string()).chain(retry_topics(topic, &tiers())) {
                 let backlog = self.0.backlog(&t, Some(topic)).await?;
                 let records: i64 = backlog.partitions.iter().map(|p| p.high_watermark).sum();
                 pending += backlog.waiting;

@@ -99,7 +99,7 @@ impl RabbitBroker {
     /// tiers; otherwise any, as a chain of tier hops re-delayed by the
     /// queue's consumers (bounded only by what a due time can express).
     fn max_delay(&self) -> Option<Duration> {
-        if self.inner.config.tiers.is_empty() {
+        if self.inner.config.tiers.is_none() {
             None
         } else {
             Some(Duration::MAX)
@@ -212,7 +212,7 @@ impl Broker for RabbitBroker {
         // The due time travels as Unix milliseconds in an i64 header.
         let due = SystemTime::now()
             .checked_add(delay)
-            .filter(|due| i64::try_from(crate::codec::unix_ms(*due)).is_ok());
+            .filter(|due| i64::try_from(postbox_core::delay::due_to_millis(*due)).is_ok());
         let Some(due) = due else {
             let limit = Limit::Delay {
                 max,

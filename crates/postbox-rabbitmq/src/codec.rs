@@ -68,8 +68,6 @@ use crate::config::HeaderPrefix;
 /// The prefixes accepted when decoding, in order.
 pub(crate) const DECODE_PREFIXES: [&str; 3] = ["cloudEvents:", "cloudEvents_", "ce-"];
 
-/// Header carrying when a delayed copy is due (Unix milliseconds).
-pub(crate) const DUE_HEADER: &str = "postbox-due";
 /// Header the delay exchange routes on to pick a tier queue.
 pub(crate) const TIER_HEADER: &str = "postbox-delay-tier";
 /// Header quorum queues set on redeliveries.
@@ -925,16 +923,10 @@ fn content_id(props: &BasicProperties, body: &[u8], info: WireInfo<'_>) -> Strin
     format!("amqp-{h:016x}")
 }
 
-/// When a delayed copy is due, from its [`DUE_HEADER`].
+/// When a delayed copy is due, from its [`DUE_HEADER`](postbox_core::delay::DUE_HEADER).
 pub(crate) fn due_of(props: &BasicProperties) -> Option<SystemTime> {
-    header_u64(props, DUE_HEADER).map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
-}
-
-/// Unix milliseconds of a time (0 before the epoch).
-pub(crate) fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    header_u64(props, postbox_core::delay::DUE_HEADER)
+        .and_then(postbox_core::delay::due_from_millis)
 }
 
 /// The true attempt number: the envelope's `attempt` plus the broker's

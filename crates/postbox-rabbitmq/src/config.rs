@@ -7,6 +7,7 @@ use std::fmt;
 use std::time::Duration;
 
 use lapin::ConnectionProperties;
+use postbox_core::delay::DelayTiers;
 use postbox_core::{ContentMode, Error, ErrorKind};
 
 use crate::topology::{tier_queue, QueueKind};
@@ -59,15 +60,6 @@ impl HeaderPrefix {
     }
 }
 
-/// The default delay tiers: a 1-2-5 series from 20 ms to 1 h.
-pub fn default_tiers() -> Vec<Duration> {
-    let ms = [
-        20u64, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 60_000, 120_000,
-        300_000, 600_000, 1_200_000, 1_800_000, 3_600_000,
-    ];
-    ms.iter().map(|&m| Duration::from_millis(m)).collect()
-}
-
 /// Configuration of a [`RabbitBroker`](crate::RabbitBroker).
 ///
 /// ```
@@ -86,7 +78,9 @@ pub struct RabbitConfig {
     pub(crate) prefix: HeaderPrefix,
     pub(crate) mode: ContentMode,
     pub(crate) delay_exchange: String,
-    pub(crate) tiers: Vec<Duration>,
+    /// The delay tiers; `None` when configured without any (no delayed
+    /// publishing, retries go straight back).
+    pub(crate) tiers: Option<DelayTiers>,
     pub(crate) connect_timeout: Duration,
     pub(crate) reconnect_min: Duration,
     pub(crate) reconnect_max: Duration,
@@ -110,7 +104,7 @@ impl RabbitConfig {
             prefix: HeaderPrefix::default(),
             mode: ContentMode::default(),
             delay_exchange: DEFAULT_DELAY_EXCHANGE.to_string(),
-            tiers: default_tiers(),
+            tiers: Some(DelayTiers::default()),
             connect_timeout: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
@@ -243,13 +237,17 @@ impl RabbitConfig {
         self
     }
 
-    /// The delay tiers (each one queue with one `x-message-ttl`). Sorted and
-    /// de-duplicated; zero durations are ignored.
+    /// The delay tiers, each one queue with one `x-message-ttl` (default
+    /// [`DelayTiers::default`]: a 1-2-5 series from 20 ms to 1 h), cleaned
+    /// as [`DelayTiers::new`] cleans them. A delay waits in the tier
+    /// [`hop`](DelayTiers::hop) picks, again and again until it is due.
+    ///
+    /// No durations (or only zeros) means no tiers: `publish_delayed` is
+    /// then `Unsupported` and a retry goes straight back to its queue.
     pub fn delay_tiers(mut self, tiers: impl IntoIterator<Item = Duration>) -> Self {
-        let mut t: Vec<Duration> = tiers.into_iter().filter(|d| !d.is_zero()).collect();
-        t.sort();
-        t.dedup();
-        self.tiers = t;
+        // An empty set is the only thing `DelayTiers::new` refuses; here it
+        // means "no tiers".
+        self.tiers = DelayTiers::new(tiers).ok();
         self
     }
 
@@ -303,10 +301,15 @@ impl RabbitConfig {
     /// The delay tier queues (`<delay exchange>.<milliseconds>ms`, shortest
     /// first): what waits in them is scheduled for later, e.g. for monitoring.
     pub fn delay_queues(&self) -> Vec<String> {
-        self.tiers
+        self.tier_durations()
             .iter()
             .map(|&t| tier_queue(&self.delay_exchange, t))
             .collect()
+    }
+
+    /// The delay tier durations, shortest first (none without tiers).
+    pub(crate) fn tier_durations(&self) -> &[Duration] {
+        self.tiers.as_ref().map_or(&[], DelayTiers::durations)
     }
 
     /// The URL with its password replaced by `***`.
@@ -350,7 +353,7 @@ impl fmt::Debug for RabbitConfig {
             .field("prefix", &self.prefix)
             .field("mode", &self.mode)
             .field("delay_exchange", &self.delay_exchange)
-            .field("tiers", &self.tiers.len())
+            .field("tiers", &self.tier_durations().len())
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect_min", &self.reconnect_min)
             .field("reconnect_max", &self.reconnect_max)
@@ -410,13 +413,22 @@ mod tests {
             Duration::from_secs(1),
         ]);
         assert_eq!(
-            c.tiers,
-            vec![Duration::from_secs(1), Duration::from_secs(2)]
+            c.tier_durations(),
+            [Duration::from_secs(1), Duration::from_secs(2)]
         );
         assert_eq!(
             c.delay_queues(),
             vec!["postbox.delay.1000ms", "postbox.delay.2000ms"]
         );
+        assert_eq!(
+            RabbitConfig::new("amqp://h").tiers,
+            Some(DelayTiers::default())
+        );
+        for none in [vec![], vec![Duration::ZERO]] {
+            let c = RabbitConfig::new("amqp://h").delay_tiers(none);
+            assert_eq!(c.tiers, None);
+            assert!(c.delay_queues().is_empty());
+        }
         assert!(RabbitConfig::new("http://x").check().is_err());
         assert!(RabbitConfig::new("amqp://x").check().is_ok());
     }

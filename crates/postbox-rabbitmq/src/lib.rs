@@ -65,12 +65,12 @@ mod topology;
 
 pub use codec::{metadata_bytes, MAX_METADATA_BYTES};
 pub use config::{
-    default_tiers, HeaderPrefix, RabbitConfig, AMQP_URL_ENV, DEFAULT_DELAY_EXCHANGE,
-    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PREFETCH, DEFAULT_URL,
+    HeaderPrefix, RabbitConfig, AMQP_URL_ENV, DEFAULT_DELAY_EXCHANGE, DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_PREFETCH, DEFAULT_URL,
 };
 pub use consumer::{RabbitDelivery, RabbitSource};
-// Core's definitions, re-exported for the configuration and tests of this crate.
 pub use lapin::{ConnectionProperties, ExchangeKind};
+// Core's definitions, re-exported for the configuration and tests of this crate.
 pub use postbox_core::codec::{ContentMode, STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE};
 pub use publisher::RabbitBroker;
 pub use topology::{BindingSpec, ExchangeSpec, Overflow, QueueKind, QueueSpec, Topology};

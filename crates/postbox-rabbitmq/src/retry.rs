@@ -10,8 +10,10 @@
 //! default exchange under that routing key, i.e. back onto the origin queue.
 //! One set of tiers serves every queue.
 //!
-//! A delay is served by a chain of tiers: the copy goes to the longest tier
-//! not longer than the delay and carries `postbox-due` (Unix ms). When it comes
+//! A delay is served by a chain of tiers ([`DelayTiers::hop`]; why RabbitMQ
+//! hops while Kafka does not: `docs/design.md` §4): the copy goes to the
+//! longest tier not longer than the delay and carries its due time
+//! ([`DUE_HEADER`], `postbox-due`: Unix ms, rounded up). When it comes
 //! back early, the consumer re-delays the remainder (again the longest tier
 //! that fits) without calling the handler, until less than 5 ms remain; a
 //! delay shorter than the shortest tier (20 ms) waits one shortest tier. So a
@@ -34,21 +36,33 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use lapin::types::{AMQPValue, LongString};
+use postbox_core::delay::{self, DelayTiers, DUE_HEADER};
 use postbox_core::{Envelope, Error};
 
-use crate::codec::{self, Route, DUE_HEADER, TIER_HEADER};
+use crate::codec::{Route, TIER_HEADER};
 use crate::publisher::{confirmed, Link, RabbitBroker};
 use crate::topology;
 
 /// Below this remaining delay a message is delivered now.
 pub(crate) const NOW_SLACK: Duration = Duration::from_millis(5);
 
+/// The tier the next hop of a `remaining` delay waits in
+/// ([`DelayTiers::hop`]); `None` means deliver now: the rest is within
+/// [`NOW_SLACK`], or there are no tiers.
+fn next_hop(tiers: Option<&DelayTiers>, remaining: Duration) -> Option<Duration> {
+    if remaining <= NOW_SLACK {
+        return None;
+    }
+    tiers.map(|t| t.hop(remaining))
+}
+
 impl RabbitBroker {
     /// Declares the delay exchange and tier queues (idempotent).
     pub async fn declare_delay_tiers(&self) -> Result<(), Error> {
         let channel = self.side_channel().await?;
         let cfg = &self.inner.config;
-        let r = topology::declare_delay_tiers(&channel, &cfg.delay_exchange, &cfg.tiers).await;
+        let r = topology::declare_delay_tiers(&channel, &cfg.delay_exchange, cfg.tier_durations())
+            .await;
         let _ = channel.close(200, "declared".into()).await;
         r
     }
@@ -89,7 +103,7 @@ impl RabbitBroker {
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
         let link = self.link().await?;
-        let tier = topology::tier_for(&cfg.tiers, remaining, NOW_SLACK);
+        let tier = next_hop(cfg.tiers.as_ref(), remaining);
         let mut headers = encoded.properties.headers().clone().unwrap_or_default();
         let route = match tier {
             None => Route {
@@ -104,7 +118,9 @@ impl RabbitBroker {
                 );
                 headers.insert(
                     DUE_HEADER.into(),
-                    AMQPValue::LongLongInt(i64::try_from(codec::unix_ms(due)).unwrap_or(i64::MAX)),
+                    AMQPValue::LongLongInt(
+                        i64::try_from(delay::due_to_millis(due)).unwrap_or(i64::MAX),
+                    ),
                 );
                 Route {
                     exchange: cfg.delay_exchange.clone(),
@@ -115,5 +131,25 @@ impl RabbitBroker {
         let props = encoded.properties.with_headers(headers);
         let confirm = self.send(&link, &route, &encoded.body, props).await?;
         confirmed(&route, confirm).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hops_follow_the_tiers_and_small_rests_go_now() {
+        let tiers = DelayTiers::default();
+        let ms = Duration::from_millis;
+        assert_eq!(next_hop(Some(&tiers), ms(3)), None);
+        assert_eq!(next_hop(Some(&tiers), NOW_SLACK), None);
+        assert_eq!(next_hop(Some(&tiers), ms(12)), Some(ms(20)));
+        assert_eq!(next_hop(Some(&tiers), ms(990)), Some(ms(500)));
+        assert_eq!(
+            next_hop(Some(&tiers), Duration::from_secs(7_200)),
+            Some(ms(3_600_000))
+        );
+        assert_eq!(next_hop(None, Duration::from_secs(1)), None, "no tiers");
     }
 }

@@ -391,43 +391,15 @@ pub(crate) async fn declare_delay_tiers(
     Ok(())
 }
 
-/// The tier a remaining delay waits in: the longest tier not longer than it
-/// (the rest is served by further hops), or the shortest tier when the delay is
-/// shorter than every tier but longer than `now_slack`; `None` means deliver now.
-pub(crate) fn tier_for(
-    tiers: &[Duration],
-    remaining: Duration,
-    now_slack: Duration,
-) -> Option<Duration> {
-    if remaining <= now_slack {
-        return None;
-    }
-    tiers
-        .iter()
-        .rev()
-        .find(|t| **t <= remaining)
-        .or_else(|| tiers.first())
-        .copied()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn tiers_round_down_and_small_delays_go_now() {
-        let tiers = crate::config::default_tiers();
+    fn tier_names_are_milliseconds() {
         let ms = Duration::from_millis;
-        let slack = ms(5);
-        assert_eq!(tier_for(&tiers, ms(3), slack), None);
-        assert_eq!(tier_for(&tiers, ms(12), slack), Some(ms(20)));
-        assert_eq!(tier_for(&tiers, ms(500), slack), Some(ms(500)));
-        assert_eq!(tier_for(&tiers, ms(990), slack), Some(ms(500)));
-        assert_eq!(
-            tier_for(&tiers, Duration::from_secs(7200), slack),
-            Some(Duration::from_secs(3600))
-        );
         assert_eq!(tier_queue("postbox.delay", ms(500)), "postbox.delay.500ms");
+        assert_eq!(tier_key(Duration::from_secs(3600)), "3600000ms");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use postbox_core::delay::DelayTiers;
 use postbox_core::dlq::{ReplayFilter, ReplayReport};
 use postbox_core::{
     Backlog, BatchReport, BoxSource, Broker, Capabilities, DeadLetterOps, Envelope, Error, Health,
@@ -17,7 +18,7 @@ use postbox_core::{
 use postbox_kafka::rdkafka::mocking::MockCluster;
 use postbox_kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use postbox_kafka::{
-    KafkaBroker, KafkaConfig, KafkaDelivery, KafkaSource, RetryTiers, TopologySpec, BOOTSTRAP_ENV,
+    KafkaBroker, KafkaConfig, KafkaDelivery, KafkaSource, TopologySpec, BOOTSTRAP_ENV,
 };
 use postbox_testkit::env;
 
@@ -27,8 +28,8 @@ pub fn bootstrap() -> String {
 }
 
 /// Retry tiers small enough for tests.
-pub fn test_tiers() -> RetryTiers {
-    RetryTiers::new([Duration::from_secs(1), Duration::from_secs(10)])
+pub fn test_tiers() -> DelayTiers {
+    DelayTiers::new([Duration::from_secs(1), Duration::from_secs(10)]).expect("non-empty tiers")
 }
 
 /// How often test members heartbeat (`heartbeat.interval.ms`).
