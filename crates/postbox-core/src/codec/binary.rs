@@ -281,7 +281,9 @@ fn fill<'a>(
 
 /// What [`Attributes::apply`] starts from: no id, type or source yet (they
 /// are required, so it sets them or fails), everything optional unset.
-fn blank(payload: Bytes) -> Envelope {
+/// An envelope with every field unset, for decoders to fill (no id or
+/// time is generated, unlike `Envelope::new`).
+pub(super) fn blank(payload: Bytes) -> Envelope {
     Envelope {
         id: MessageId::NIL,
         event_type: Cow::Borrowed(""),

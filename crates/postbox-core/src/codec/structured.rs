@@ -207,12 +207,15 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, Error> {
             Err(_) => parse_attempt(&string_attr(attr::ATTEMPT, raw)?)?,
         },
     };
-    let mut env = Envelope::new(event_type, Bytes::new());
+    // Not `Envelope::new`: it would generate an id and read the clock, both
+    // overwritten here.
+    let mut env = super::binary::blank(Bytes::new());
+    env.event_type = super::intern(&event_type);
     env.id = MessageId::from(id);
-    env.source = Cow::Owned(source);
+    env.source = super::intern(&source);
     env.time = time;
     if let Some(ct) = content_type {
-        env.content_type = Cow::Owned(ct);
+        env.content_type = super::intern(&ct);
     }
     env.attempt = attempt;
     env.subject = optional(&mut map, attr::SUBJECT)?;
