@@ -13,8 +13,12 @@
 #
 # Everything listens on 127.0.0.1 with fixed ports:
 #   RabbitMQ 5672 (management 15672, Erlang distribution 25672, epmd 4369),
-#   Kafka protocol (tansu, in-memory) 9092, SQS+SNS 4566, PostgreSQL 5432.
+#   Kafka protocol (tansu, in-memory) 9092, SQS+SNS 4566, PostgreSQL 5432
+#   (POSTBOX_PG_PORT=N moves PostgreSQL; give it to every command, `env` included).
 # State and logs: .state/brokers/ ; Python virtualenvs: .venv/<name>/ (both git-ignored).
+# PostgreSQL runs as the OS user postgres, which may not be able to enter the checkout
+# (a clone in root's home, mode 0700), so its cluster and socket live outside it:
+# /var/lib/postbox-brokers/<hash of the checkout path>/postgres (POSTBOX_PG_DIR overrides).
 #
 # Exit codes: 0 success; 1 something could not be installed, started, stopped or did not
 # answer (the message names it and shows the log tail); 2 usage error;
@@ -36,7 +40,8 @@ RMQ_MGMT_PORT=15672
 RMQ_DIST_PORT=25672
 EPMD_PORT=4369
 AWS_PORT=4566
-PG_PORT=5432
+PG_PORT=${POSTBOX_PG_PORT:-5432}
+[[ "$PG_PORT" =~ ^[0-9]+$ ]] || { echo "brokers: POSTBOX_PG_PORT must be a port number (got '$PG_PORT')" >&2; exit 2; }
 PG_USER=postgres
 PG_PASSWORD=postgres
 PG_DB=postbox
@@ -469,7 +474,7 @@ describe() {
     kafka) echo "tansu (Kafka protocol, in-memory) on 127.0.0.1:$KAFKA_PORT" ;;
     rabbitmq) echo "RabbitMQ on 127.0.0.1:$AMQP_PORT (management 127.0.0.1:$RMQ_MGMT_PORT)" ;;
     aws) echo "$(cat "$STATE/aws.emulator" 2>/dev/null || echo SQS/SNS emulator) (SQS+SNS) on 127.0.0.1:$AWS_PORT" ;;
-    postgres) echo "PostgreSQL on 127.0.0.1:$PG_PORT (db $PG_DB)" ;;
+    postgres) echo "PostgreSQL on 127.0.0.1:$PG_PORT (db $PG_DB, cluster in $PGDATA_DIR)" ;;
     esac
 }
 # recorded pid if the process is alive and is what we started, else empty (and stale file removed)
@@ -624,17 +629,25 @@ stop_aws() {
 }
 
 # ---- PostgreSQL -------------------------------------------------------------------------
-PG_DIR="$STATE/postgres"
+# The server runs as user postgres and opens its data and socket directories by path,
+# so they live in a world-searchable place of their own, one per checkout, instead of
+# under the checkout (whose parents may be mode 0700). The server's log output goes
+# through a descriptor this script opened, so the log stays in .state/brokers/logs.
+# A cluster of the older layout in .state/brokers/postgres is no longer used (a server
+# still running from it is stopped by its recorded pid).
+PG_DIR=${POSTBOX_PG_DIR:-/var/lib/postbox-brokers/$(printf '%s' "$ROOT" | sha256sum | cut -c1-16)/postgres}
 PGDATA_DIR="$PG_DIR/data"
 as_pg() { (cd / && runuser -u postgres -- "$@"); }
 pg_prepare() {
     local bindir=$1 t
     id postgres >/dev/null 2>&1 || { err postgres "OS user 'postgres' missing (reinstall the postgresql package)"; return 1; }
-    mkdir -p "$PG_DIR/run"
+    # parents owned by root and world-searchable (umask 022); the cluster's directory is postgres's
+    mkdir -p "$PG_DIR/run" || { err postgres "cannot create $PG_DIR (set POSTBOX_PG_DIR to a writable place)"; return 1; }
+    echo "$ROOT" >"$(dirname "$PG_DIR")/checkout" # whose cluster this is
+    echo "$PG_DIR" >"$STATE/postgres.dir"
     chown postgres: "$PG_DIR" "$PG_DIR/run"
-    touch "$LOGS/postgres.log" && chown postgres: "$LOGS/postgres.log"
     as_pg test -w "$PG_DIR" || {
-        err postgres "user postgres cannot reach $PG_DIR (a parent directory is not world-searchable)"
+        err postgres "user postgres cannot write $PG_DIR (a parent directory is not world-searchable; set POSTBOX_PG_DIR)"
         return 1
     }
     [[ -s "$PGDATA_DIR/PG_VERSION" ]] && return 0
@@ -652,14 +665,12 @@ pg_prepare() {
     rm -f "$pw"
     cat >>"$PGDATA_DIR/postgresql.conf" <<EOF
 
-# postbox (scripts/brokers.sh)
+# postbox (scripts/brokers.sh); port and socket directory come from pg_ctl -o
 listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$PG_DIR/run'
 max_connections = 200
 EOF
     touch "$PG_DIR/.needs-db"
-    say "postgres: initdb of a private cluster in ${PGDATA_DIR#"$ROOT"/} in $(since "$t")"
+    say "postgres: initdb of a private cluster in $PGDATA_DIR in $(since "$t")"
 }
 start_postgres() {
     local bindir
@@ -676,9 +687,11 @@ start_postgres() {
             rm -f "$pidfile"
         fi
     fi
-    # -W: don't wait here, readiness is checked like for the others
-    as_pg setsid "$bindir/pg_ctl" -D "$PGDATA_DIR" -l "$LOGS/postgres.log" -W start \
-        >>"$LOGS/postgres.log" 2>&1 || { err postgres "pg_ctl start failed" "$LOGS/postgres.log"; return 1; }
+    # -W: don't wait here, readiness is checked like for the others. No -l (a path
+    # user postgres may not reach): the server inherits pg_ctl's stdout, the log here.
+    echo "== $(date -Is) start" >>"$LOGS/postgres.log"
+    as_pg setsid "$bindir/pg_ctl" -D "$PGDATA_DIR" -o "-p $PG_PORT -k '$PG_DIR/run'" -W start \
+        >>"$LOGS/postgres.log" 2>&1 </dev/null || { err postgres "pg_ctl start failed" "$LOGS/postgres.log"; return 1; }
     local i
     for ((i = 0; i < 100; i++)); do
         [[ -s "$PGDATA_DIR/postmaster.pid" ]] && break
@@ -1055,7 +1068,8 @@ EOF
 }
 
 usage() {
-    sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    # the header comment, up to the shellcheck directive
+    sed -n '2,/^# shellcheck/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in

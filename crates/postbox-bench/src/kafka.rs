@@ -555,7 +555,7 @@ async fn raw_consume(o: &Options, topic: &str, group: &str, n: u64, work: Header
         black_box(msg.offset());
         seen += 1;
         last = Some((msg.partition(), msg.offset()));
-        if seen % store_every == 0 {
+        if seen.is_multiple_of(store_every) {
             store(&consumer, topic, msg.partition(), msg.offset());
         }
     }

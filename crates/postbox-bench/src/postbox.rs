@@ -35,7 +35,7 @@ impl Handler for BenchHandler {
     async fn handle(&self, envelope: &Envelope) -> HandlerResult {
         workload::handle(&envelope.payload);
         let handled = self.handled.fetch_add(1, Ordering::Relaxed) + 1;
-        if handled % CREDIT_STEP == 0 {
+        if handled.is_multiple_of(CREDIT_STEP) {
             self.credits.add_permits(CREDIT_STEP as usize);
         }
         if handled == self.expected {

@@ -199,7 +199,7 @@ fn whole_millis(d: Duration) -> Duration {
 /// is 0; one beyond `u64` milliseconds saturates.
 pub fn due_to_millis(due: SystemTime) -> u64 {
     let since = due.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let ms = since.as_millis() + u128::from(since.subsec_nanos() % 1_000_000 != 0);
+    let ms = since.as_millis() + u128::from(!since.subsec_nanos().is_multiple_of(1_000_000));
     u64::try_from(ms).unwrap_or(u64::MAX)
 }
 

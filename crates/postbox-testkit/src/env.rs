@@ -34,7 +34,7 @@ pub fn unreachable(test: &str, broker: &str, why: impl Display) {
 }
 
 /// Awaits `connect`; on error reports `broker` unreachable for `test` (see
-/// [`unreachable`]) and returns `None`.
+/// [`unreachable()`]) and returns `None`.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {

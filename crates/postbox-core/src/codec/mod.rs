@@ -9,7 +9,7 @@
 //! * [`foreign`]: an envelope for a message that was not produced by postbox
 //!   (no CloudEvents attributes), so it can still be consumed.
 //!
-//! Decoding never panics: malformed input is an [`ErrorKind::Decode`](crate::ErrorKind::Decode) error
+//! Decoding never panics: malformed input is an [`ErrorKind::Decode`] error
 //! that says what was wrong.
 
 pub mod binary;
