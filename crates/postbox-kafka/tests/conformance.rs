@@ -11,13 +11,23 @@
 //! The mock cluster runs the full suite on 2 partitions and the ordering
 //! tests on 1.
 //!
+//! Every harness writes undecodable input for
+//! `undecodable_input_is_dead_lettered_with_reason_decode` with a raw
+//! producer (the broker's own client settings, so the mock's bootstrap on the
+//! mock cluster): one record with `ce_specversion: 0.3`. That case runs on
+//! both partition counts, on tansu and on the mock cluster.
+//!
 //! Each harness names its consumer groups uniquely (`<uuid>.<group>`): a
 //! Kafka group spans topics, so tests sharing a group name would rebalance
 //! each other. On tansu, sources close through `support::close_on_tansu`.
 
 mod support;
 
-use postbox_core::SubscribeOptions;
+use std::time::Duration;
+
+use postbox_core::{Error, ErrorKind, SubscribeOptions};
+use postbox_kafka::rdkafka::message::{Header, OwnedHeaders};
+use postbox_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use postbox_kafka::KafkaBroker;
 use postbox_testkit::{env, BrokerHarness};
 use support::{testkit_capabilities, MockKafka, OnTansu};
@@ -49,6 +59,50 @@ fn unique_groups(harness: BrokerHarness) -> BrokerHarness {
     harness.options(move |group| SubscribeOptions::group(format!("{prefix}.{group}")))
 }
 
+/// Installs the harness's writer of undecodable input: a raw producer with
+/// `broker`'s client settings writes one record that claims to be a
+/// CloudEvent in binary mode but has `ce_specversion: 0.3`, key `k` (the key
+/// of the suite's `order`s), and returns its value.
+fn undecodable(harness: BrokerHarness, broker: &KafkaBroker) -> BrokerHarness {
+    let config = broker.config().client_config().clone();
+    harness.undecodable(move |topic: String| {
+        let config = config.clone();
+        Box::pin(async move {
+            let other = |e: String| Error::new(ErrorKind::Other, e);
+            let producer: FutureProducer = config
+                .create()
+                .map_err(|e| other(format!("raw producer: {e}")))?;
+            let id = env::unique("undecodable");
+            let body = format!(r#"{{"undecodable":"{id}"}}"#).into_bytes();
+            let headers = [
+                ("ce_specversion", "0.3"),
+                ("ce_id", id.as_str()),
+                ("ce_type", "test.undecodable"),
+                ("ce_source", "postbox-testkit"),
+                ("content-type", "application/json"),
+            ]
+            .into_iter()
+            .fold(OwnedHeaders::new(), |hs, (key, value)| {
+                hs.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            });
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key("k")
+                        .payload(&body)
+                        .headers(headers),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| other(format!("raw produce to {topic}: {e}")))?;
+            Ok(body)
+        })
+    })
+}
+
 async fn tansu(test: &'static str, partitions: i32) -> Option<BrokerHarness> {
     let kafka = support::tansu_or_skip(test, partitions).await?;
     let caps = testkit_capabilities(&kafka.broker, partitions);
@@ -57,11 +111,8 @@ async fn tansu(test: &'static str, partitions: i32) -> Option<BrokerHarness> {
     } else {
         "kafka-tansu"
     };
-    Some(unique_groups(BrokerHarness::new(
-        name,
-        OnTansu(kafka.broker),
-        caps,
-    )))
+    let harness = BrokerHarness::new(name, OnTansu(kafka.broker.clone()), caps);
+    Some(unique_groups(undecodable(harness, &kafka.broker)))
 }
 
 /// The mock cluster has no CreateTopics: a test's topology is created on the
@@ -72,13 +123,14 @@ async fn mock(partitions: i32) -> Option<BrokerHarness> {
     let mock: std::sync::Arc<MockKafka> = kafka.mock.expect("a mock cluster");
     let broker: KafkaBroker = kafka.broker;
     let naming = broker.clone();
+    let writer = broker.clone();
     let harness = BrokerHarness::new("kafka-mock", broker, caps).topics(move |test| {
         let topic = env::unique(test);
         mock.create_topology(&naming, &topic, partitions)
             .expect("mock topics");
         topic
     });
-    Some(unique_groups(harness))
+    Some(unique_groups(undecodable(harness, &writer)))
 }
 
 async fn tansu2(test: &'static str) -> Option<BrokerHarness> {
@@ -109,6 +161,7 @@ mod tansu_single_partition {
         per_key_order_is_kept,
         release_leads_to_redelivery,
         retry_after_delay_is_honoured,
+        undecodable_input_is_dead_lettered_with_reason_decode,
     );
 }
 
@@ -117,6 +170,7 @@ mod mock_cluster_single_partition {
     kafka_conformance!(mock1;
         ordered_next_waits_for_ack,
         per_key_order_is_kept,
+        undecodable_input_is_dead_lettered_with_reason_decode,
     );
 }
 

@@ -2,6 +2,12 @@
 //! `Broker` trait, twice: with no limits (RabbitMQ-like: unsettled deliveries
 //! return when dropped) and with the SQS profile (limits, a visibility
 //! timeout).
+//!
+//! Skips, by capability: `undecodable_input_is_dead_lettered_with_reason_decode`
+//! on both — the memory broker carries envelopes, never bytes, so there is no
+//! wire format to break and no undecodable input to write (the harness
+//! installs no `publish_undecodable` hook); and `limits_are_typed_errors`
+//! without limits (the first harness).
 
 use std::time::Duration;
 

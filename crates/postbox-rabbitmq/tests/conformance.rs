@@ -5,6 +5,12 @@
 //! Topics are `exchange:<unique>` destinations, so each group gets its own
 //! queue `<exchange>.<group>` (with `<queue>.dlq`) bound to the fanout
 //! exchange, declared by `provision` / `subscribe`.
+//!
+//! For `undecodable_input_is_dead_lettered_with_reason_decode` each harness
+//! writes its undecodable input with a plain lapin connection: one message
+//! published to the test's exchange (routing key `k`, the key of the suite's
+//! `order`s, as postbox's own publish would route it) in binary mode with
+//! `cloudEvents:specversion` = `0.3`, confirmed by the broker.
 
 mod common;
 
@@ -12,7 +18,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use postbox_core::{Broker, SubscribeOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection};
+use postbox_core::{Broker, Error, ErrorKind, SubscribeOptions};
 use postbox_rabbitmq::{ContentMode, QueueKind, RabbitBroker, RabbitConfig};
 use postbox_testkit::{env, BrokerHarness, Capabilities};
 
@@ -26,6 +35,67 @@ const MAX_BODY: usize = 1024 * 1024;
 struct Names {
     exchanges: BTreeSet<String>,
     groups: BTreeSet<String>,
+}
+
+/// Publishes one message that claims to be a CloudEvent in binary mode but
+/// has `cloudEvents:specversion` = `0.3` to the exchange of `topic`
+/// (`exchange:<name>`) with a plain lapin connection, bypassing postbox's
+/// encoder; waits for the broker's confirm and returns the body.
+async fn publish_undecodable(topic: String) -> Result<Vec<u8>, Error> {
+    let other = |what: &str, e: &dyn std::fmt::Display| {
+        Error::new(ErrorKind::Other, format!("raw {what} ({topic}): {e}"))
+    };
+    let exchange = topic
+        .strip_prefix("exchange:")
+        .ok_or_else(|| other("publish", &"not an `exchange:<name>` topic"))?;
+    let connection = Connection::connect(&common::amqp_url(), Default::default())
+        .await
+        .map_err(|e| other("connection", &e))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| other("channel", &e))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| other("confirm.select", &e))?;
+    let id = env::unique("undecodable");
+    let body = format!(r#"{{"undecodable":"{id}"}}"#).into_bytes();
+    let mut headers = FieldTable::default();
+    for (name, value) in [
+        ("cloudEvents:specversion", "0.3"),
+        ("cloudEvents:id", id.as_str()),
+        ("cloudEvents:type", "test.undecodable"),
+        ("cloudEvents:source", "postbox-testkit"),
+    ] {
+        headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+    }
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            "k".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &body,
+            properties,
+        )
+        .await
+        .map_err(|e| other("publish", &e))?
+        .await
+        .map_err(|e| other("confirm", &e))?;
+    if !confirm.is_ack() || confirm.take_message().is_some() {
+        return Err(other("publish", &"not routed to a queue"));
+    }
+    connection
+        .close(200, "done".into())
+        .await
+        .map_err(|e| other("close", &e))?;
+    Ok(body)
 }
 
 struct Run {
@@ -62,7 +132,8 @@ impl Run {
             .options(move |group| {
                 groups.lock().unwrap().groups.insert(group.to_string());
                 SubscribeOptions::group(group).prefetch(16)
-            });
+            })
+            .undecodable(|topic| Box::pin(publish_undecodable(topic)));
         Some(Run {
             harness,
             broker,

@@ -2,13 +2,20 @@
 //! the `Broker` trait, three times: SNS → SQS fan-out (`sns:<topic>`, each
 //! group a queue `<topic>-<group>` subscribed with raw delivery), a standard
 //! queue shared by every group, and a FIFO queue (ordered).
+//!
+//! For `undecodable_input_is_dead_lettered_with_reason_decode` each harness
+//! writes its undecodable input with the broker's own AWS clients, bypassing
+//! postbox's encoder: a structured CloudEvent with `"specversion":"0.3"`,
+//! published to the topic's ARN (SNS, delivered raw to each group's queue)
+//! or sent to the queue's URL (on FIFO with group `k`, the key of the
+//! suite's `order`s, and a deduplication id of its own).
 
 mod common;
 
 use std::time::Duration;
 
-use postbox_core::{Broker, SubscribeOptions};
-use postbox_sqs::{FifoDeduplication, SNS_MAX_BYTES};
+use postbox_core::{Broker, Error, ErrorKind, SubscribeOptions};
+use postbox_sqs::{FifoDeduplication, SqsBroker, SNS_MAX_BYTES};
 use postbox_testkit::{BrokerHarness, Capabilities};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -19,6 +26,45 @@ enum Mode {
     Queue,
     /// topic = one FIFO queue (ordered per group).
     Fifo,
+}
+
+/// Writes one message that claims to be a CloudEvent (structured JSON) but
+/// has `"specversion":"0.3"` to `topic` (`sns:<name>`: SNS Publish to the
+/// topic's ARN; otherwise SendMessage to the queue's URL, on FIFO with a
+/// group and deduplication id) and returns the body.
+async fn publish_undecodable(broker: SqsBroker, topic: String) -> Result<Vec<u8>, Error> {
+    let other = |what: &str, e: &dyn std::fmt::Display| {
+        Error::new(ErrorKind::Other, format!("raw {what} ({topic}): {e}"))
+    };
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let body = format!(
+        r#"{{"specversion":"0.3","id":"{id}","type":"test.undecodable","source":"postbox-testkit","datacontenttype":"application/json","data":{{"undecodable":true}}}}"#
+    );
+    if let Some(name) = topic.strip_prefix("sns:") {
+        let arn = broker.topic_arn(name).await?;
+        broker
+            .sns()
+            .publish()
+            .topic_arn(arn)
+            .message(&body)
+            .send()
+            .await
+            .map_err(|e| other("SNS Publish", &e))?;
+    } else {
+        let url = broker.queue_url(&topic).await?;
+        let mut send = broker
+            .sqs()
+            .send_message()
+            .queue_url(url)
+            .message_body(&body);
+        if topic.ends_with(".fifo") {
+            send = send.message_group_id("k").message_deduplication_id(&id);
+        }
+        send.send()
+            .await
+            .map_err(|e| other("SQS SendMessage", &e))?;
+    }
+    Ok(body.into_bytes())
 }
 
 async fn harness(mode: Mode, test: &str) -> Option<BrokerHarness> {
@@ -55,6 +101,7 @@ async fn harness(mode: Mode, test: &str) -> Option<BrokerHarness> {
         Mode::Fifo => "sqs-fifo",
     };
     let ordered = mode == Mode::Fifo;
+    let writer = broker.clone();
     Some(
         BrokerHarness::new(name, broker, caps)
             .topics(move |test| {
@@ -67,7 +114,8 @@ async fn harness(mode: Mode, test: &str) -> Option<BrokerHarness> {
                     Mode::Fifo => format!("pb-{test}-{id}.fifo"),
                 }
             })
-            .options(move |group| SubscribeOptions::group(group).ordered(ordered)),
+            .options(move |group| SubscribeOptions::group(group).ordered(ordered))
+            .undecodable(move |topic| Box::pin(publish_undecodable(writer.clone(), topic))),
     )
 }
 

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use postbox_core::{
     AnyBroker, BoxSource, Broker, DeadLetterOps, Error, Publisher, SubscribeOptions,
 };
@@ -75,6 +76,20 @@ pub trait Harness: Send + Sync + 'static {
     fn topic(&self, test: &str) -> String {
         format!("{test}-{}", uuid::Uuid::now_v7().simple())
     }
+
+    /// Writes ONE message to `topic` (a topic of this harness, the
+    /// destination the suite publishes to) that claims to be a CloudEvent
+    /// but breaks the format (for example `specversion` 0.3), bypassing
+    /// postbox's encoder, and returns the body bytes written: a consumer
+    /// must dead-letter it with reason `decode`, its body unchanged, before
+    /// any handler runs.
+    ///
+    /// `Ok(None)` (the default) when the adapter cannot carry such input (it
+    /// moves envelopes, never bytes): the suite skips the case.
+    async fn publish_undecodable(&self, topic: &str) -> Result<Option<Vec<u8>>, Error> {
+        let _ = topic;
+        Ok(None)
+    }
 }
 
 fn group_options(group: &str) -> SubscribeOptions {
@@ -83,6 +98,8 @@ fn group_options(group: &str) -> SubscribeOptions {
 
 type TopicFn = Box<dyn Fn(&str) -> String + Send + Sync>;
 type OptionsFn = Box<dyn Fn(&str) -> SubscribeOptions + Send + Sync>;
+type UndecodableFn =
+    Box<dyn Fn(String) -> BoxFuture<'static, Result<Vec<u8>, Error>> + Send + Sync>;
 
 /// The harness of any broker handle: the suite runs through the [`Broker`]
 /// trait (provision, subscribe, publish, dead-letter operations), so an
@@ -108,6 +125,7 @@ pub struct BrokerHarness {
     capabilities: Capabilities,
     topic: TopicFn,
     options: OptionsFn,
+    undecodable: Option<UndecodableFn>,
 }
 
 impl BrokerHarness {
@@ -120,6 +138,7 @@ impl BrokerHarness {
             capabilities,
             topic: Box::new(crate::env::unique),
             options: Box::new(group_options),
+            undecodable: None,
         }
     }
 
@@ -135,6 +154,40 @@ impl BrokerHarness {
         options: impl Fn(&str) -> SubscribeOptions + Send + Sync + 'static,
     ) -> Self {
         self.options = Box::new(options);
+        self
+    }
+
+    /// Installs [`Harness::publish_undecodable`]: `write` is called with a
+    /// harness topic (the destination string the suite publishes to), writes
+    /// ONE message there that claims to be a CloudEvent but breaks the
+    /// format, bypassing postbox's encoder (a raw client of the broker), and
+    /// returns the body bytes it wrote. Without it the harness reports that
+    /// it cannot carry such input and the suite's case is skipped.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use postbox_core::AnyBroker;
+    /// # fn any() -> AnyBroker { unimplemented!() }
+    /// # if false {
+    /// use futures_util::FutureExt as _;
+    /// use postbox_testkit::{BrokerHarness, Capabilities};
+    /// let harness = BrokerHarness::new("my-broker", any(), Capabilities::all(Duration::from_millis(500)))
+    ///     .undecodable(|topic: String| {
+    ///         async move {
+    ///             let body = br#"{"specversion":"0.3","id":"x","type":"t","source":"s"}"#.to_vec();
+    ///             // … write `body` raw to `topic` …
+    ///             Ok(body)
+    ///         }
+    ///         .boxed()
+    ///     });
+    /// # let _ = harness;
+    /// # }
+    /// ```
+    pub fn undecodable(
+        mut self,
+        write: impl Fn(String) -> BoxFuture<'static, Result<Vec<u8>, Error>> + Send + Sync + 'static,
+    ) -> Self {
+        self.undecodable = Some(Box::new(write));
         self
     }
 
@@ -175,5 +228,12 @@ impl Harness for BrokerHarness {
 
     fn topic(&self, test: &str) -> String {
         (self.topic)(test)
+    }
+
+    async fn publish_undecodable(&self, topic: &str) -> Result<Option<Vec<u8>>, Error> {
+        match &self.undecodable {
+            Some(write) => write(topic.to_string()).await.map(Some),
+            None => Ok(None),
+        }
     }
 }

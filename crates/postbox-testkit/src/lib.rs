@@ -4,11 +4,12 @@
 //!   against a real broker through a [`Harness`] (delivery, ordering, fan-out,
 //!   competing consumers, redelivery, close/reopen without loss, retries with
 //!   delays, attempts, dead-lettering with metadata, decode failures,
+//!   undecodable input written raw ([`Harness::publish_undecodable`]),
 //!   idempotency, graceful shutdown, binary payloads, limits). Tests an adapter
 //!   cannot run are skipped *by capability*, and the skip is printed.
 //! * [`HandlerSpy`]: a recording, scriptable handler for your own tests.
 //!
-//! * [`env`]: the shared test environment (broker reachability: skip by name,
+//! * [`env`](mod@env): the shared test environment (broker reachability: skip by name,
 //!   or fail under `CI` / `POSTBOX_REQUIRE_BROKERS=1`; fresh names).
 //!
 //! An adapter runs the suite through its broker handle ([`BrokerHarness`])
@@ -92,6 +93,7 @@ macro_rules! for_each_conformance_test {
             dead_letter_after_max_attempts_with_metadata,
             permanent_error_dead_letters_immediately,
             decode_failure_dead_letters_without_calling_the_handler,
+            undecodable_input_is_dead_lettered_with_reason_decode,
             panic_is_retried_and_the_consumer_survives,
             duplicates_are_suppressed_by_the_idempotency_layer,
             duplicates_in_flight_at_once_have_one_effect,

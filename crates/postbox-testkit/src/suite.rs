@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use postbox_core::codec::UNDECODABLE_TYPE;
 use postbox_core::dlq::DeadLetterMetadata;
 use postbox_core::{
     typed, BoxSource, Consumer, ConsumerBuilder, DeadLetterRouter, Delivery, Envelope, ErrorKind,
@@ -738,6 +739,73 @@ pub async fn decode_failure_dead_letters_without_calling_the_handler(
         "the handler ran on an undecodable payload"
     );
     check_metadata(&dead[0], FailureReason::Decode, 1, &origin)?;
+    Ok(Verdict::Passed)
+}
+
+/// A message that claims to be a CloudEvent but breaks the format, written
+/// raw by the harness ([`Harness::publish_undecodable`]) between good ones,
+/// is dead-lettered by the runtime through the consumer's router with reason
+/// `decode` before any handler runs, as an envelope of type
+/// [`UNDECODABLE_TYPE`] whose payload is the body as it arrived; the good
+/// messages are handled. Skipped when the adapter cannot carry such input.
+pub async fn undecodable_input_is_dead_lettered_with_reason_decode(h: &dyn Harness) -> TestResult {
+    let topic = setup(h, "undecodable", &["g"]).await?;
+    let Some(written) = h.publish_undecodable(&topic).await.map_err(err)? else {
+        return Ok(Verdict::Skipped(
+            "the adapter cannot carry undecodable input: it moves envelopes, never bytes",
+        ));
+    };
+    let good: Vec<Envelope> = (0..2).map(|i| order(i, "k")).collect();
+    publish_all(h, &topic, &good).await?;
+    let spy = HandlerSpy::new();
+    let source = subscribe(h, &topic, "g").await?;
+    let dlq = dlq_of(&source);
+    let running = start(consumer(h, source, spy.clone()))?;
+    let seen = |spy: &HandlerSpy| -> Vec<(String, String)> {
+        spy.calls()
+            .iter()
+            .map(|c| (c.envelope.id.to_string(), c.envelope.event_type.to_string()))
+            .collect()
+    };
+    spy.wait_for_successes(2, WAIT).await?;
+    wait_dlq(h, &dlq, 1)
+        .await
+        .map_err(|e| format!("{e}; the handler saw (id, type) {:?}", seen(&spy)))?;
+    let report = running.shutdown().await.map_err(err)?;
+    ensure!(
+        call_ids(&spy.calls()) == ids(&good) && spy.call_count() == 2,
+        "the handler saw (id, type) {:?}, expected only the good {:?}",
+        seen(&spy),
+        ids(&good)
+    );
+    ensure!(
+        report.dead_lettered == 1,
+        "dead-lettered {} (expected 1): {report:?}",
+        report.dead_lettered
+    );
+    let dead = h.dead_letters().peek(&dlq, 10).await.map_err(err)?;
+    ensure!(dead.len() == 1, "{dlq} shows {} dead letters", dead.len());
+    let env = &dead[0];
+    ensure!(
+        env.event_type == UNDECODABLE_TYPE,
+        "dead letter of type {:?}, expected {UNDECODABLE_TYPE:?}",
+        env.event_type
+    );
+    let m = DeadLetterMetadata::read(env)
+        .ok_or(format!("incomplete dlq metadata: {:?}", env.headers))?;
+    ensure!(
+        m.reason == FailureReason::Decode,
+        "reason {:?}, expected Decode",
+        m.reason
+    );
+    ensure!(m.error_type == "decode", "error type {:?}", m.error_type);
+    ensure!(m.consumer == "conformance", "consumer {:?}", m.consumer);
+    ensure!(
+        env.payload == written,
+        "payload {:?}, expected the bytes written {:?}",
+        String::from_utf8_lossy(&env.payload),
+        String::from_utf8_lossy(&written)
+    );
     Ok(Verdict::Passed)
 }
 
