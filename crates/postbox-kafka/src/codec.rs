@@ -261,17 +261,22 @@ where
     let mut retry = RetryInfo::default();
     let mut has_ce = false;
     let mut content_type: Option<&[u8]> = None;
-    let mut bad_utf8: Option<&str> = None;
+    // A `ce_` (or `content-type`) header whose value is not UTF-8 text, or
+    // is null: a decode failure naming it, never a dropped attribute.
+    let mut bad_value: Option<(&str, &str)> = None;
     let mut origin: (Option<&str>, Option<i32>, Option<i64>) = (None, None, None);
     for (name, value) in headers() {
         if let Some(a) = binary::strip_prefix(name, CE_PREFIX) {
             has_ce = true;
             match value.map(std::str::from_utf8) {
                 Some(Ok(v)) => attrs.set(a, v),
-                Some(Err(_)) => bad_utf8 = Some(name),
-                None => {}
+                Some(Err(_)) => bad_value = Some((name, "is not UTF-8")),
+                None => bad_value = Some((name, "has no value")),
             }
         } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
+            if value.is_none() {
+                bad_value = Some((name, "has no value"));
+            }
             content_type = value;
         } else if name == RETRY_DUE || name == LEGACY_RETRY_DUE {
             retry.due = value
@@ -312,9 +317,9 @@ where
             // The binding maps `datacontenttype` to `content-type`; a
             // `ce_datacontenttype` header is read where that is absent.
             attrs.datacontenttype = content_type.or(attrs.datacontenttype);
-            match bad_utf8 {
-                Some(name) => Err((
-                    Error::new(ErrorKind::Decode, format!("header {name:?} is not UTF-8")),
+            match bad_value {
+                Some((name, why)) => Err((
+                    Error::new(ErrorKind::Decode, format!("header {name:?} {why}")),
                     payload,
                 )),
                 None => match attrs.decode_boxed(Bytes::new()) {
@@ -676,6 +681,19 @@ mod tests {
         assert!(d.envelope.headers[DECODE_ERROR].contains("type"));
         let d = decode_pairs(rec, &[("ce_id".to_string(), vec![0xff, 0xfe])]);
         assert!(d.envelope.headers[DECODE_ERROR].contains("UTF-8"));
+        // A null value is not an absent attribute: it names the header.
+        let null_time = [
+            ("ce_specversion", Some(&b"1.0"[..])),
+            ("ce_id", Some(&b"x"[..])),
+            ("ce_type", Some(&b"t"[..])),
+            ("ce_source", Some(&b"s"[..])),
+            ("ce_time", None),
+        ];
+        let d = decode(rec, || null_time.iter().copied(), &Cow::Borrowed("f"));
+        assert_eq!(d.envelope.event_type, UNDECODABLE_TYPE);
+        let why = &d.envelope.headers[DECODE_ERROR];
+        assert!(why.contains("ce_time") && why.contains("no value"), "{why}");
+        assert_eq!(d.envelope.headers["kafka:null:ce_time"], "");
     }
 
     #[test]
