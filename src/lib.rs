@@ -38,6 +38,9 @@
 //! `rabbitmq` (lapin), `sqs` (AWS SQS + SNS) and `postgres` (idempotency store
 //! and transactional outbox). No broker client is built unless its feature is on.
 
+// docs.rs (`--cfg docsrs`, see Cargo.toml) labels feature-gated items.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub use postbox_core::*;
 
 mod connect;

@@ -49,6 +49,9 @@
 //! # Ok(()) }
 //! ```
 
+// docs.rs (`--cfg docsrs`, see Cargo.toml) labels feature-gated items.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod broker;
 mod codec;
 mod config;
