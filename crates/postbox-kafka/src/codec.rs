@@ -41,7 +41,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use postbox_core::codec::{
     attr, binary, check_event_format, foreign, is_reserved, is_structured_content_type, structured,
-    ContentMode, STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE,
+    transport_headers, ContentMode, STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE,
 };
 use postbox_core::envelope::Text;
 use postbox_core::{delivery, dlq, Envelope, Error, ErrorKind};
@@ -167,6 +167,16 @@ pub(crate) fn encode(
             }
         }
     };
+    // The header rule (`postbox_core::codec::is_attribute_name`): headers
+    // that are not attribute names travel as plain record headers.
+    for (name, value) in transport_headers(env) {
+        check_transport_name(name)?;
+        encoded.size += name.len() + value.len() + 2;
+        encoded.headers = encoded.headers.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
     if let Some(info) = retry {
         let mut extra: Vec<(&str, String)> = Vec::with_capacity(4);
         if let Some(due) = info.due {
@@ -335,6 +345,11 @@ where
     };
     match result {
         Ok(mut envelope) => {
+            // Transport headers (names that are not attribute names, or
+            // headers another producer set) come back as envelope headers.
+            for (name, value) in &others {
+                carry(&mut envelope, name, *value, is_read_back_as_is(name));
+            }
             if envelope.key.is_none() {
                 envelope.key = record
                     .key
@@ -409,29 +424,76 @@ pub(crate) fn undecodable_envelope<'a>(
         }
     }
     for (name, value) in headers {
-        let (carried, text) = match value {
-            None => (format!("{RAW_NULL_PREFIX}{name}"), String::new()),
-            Some(v) => match std::str::from_utf8(v) {
-                Ok(text) if is_carried_as_is(name) => (name.to_string(), text.to_string()),
-                Ok(text) => (format!("{RAW_HEADER_PREFIX}{name}"), text.to_string()),
-                Err(_) => (
-                    format!("{RAW_BASE64_PREFIX}{name}"),
-                    base64::engine::general_purpose::STANDARD.encode(v),
-                ),
-            },
-        };
-        env.headers.insert(carried, text);
+        let as_is = is_carried_as_is(name) && !name.starts_with(RAW_NAMESPACE);
+        carry(&mut env, name, value, as_is);
     }
     env
 }
 
-/// Whether a record header name can be an envelope header as it is.
+/// Puts a record header into `env.headers`: under its own name when
+/// `as_is`, else under `kafka:header:<name>`; a value that is not UTF-8
+/// base64-encoded under `kafka:base64:<name>`, a null value under
+/// `kafka:null:<name>`. Lossless: [`restore_undecodable`] and
+/// [`encode`] put it back.
+fn carry(env: &mut Envelope, name: &str, value: Option<&[u8]>, as_is: bool) {
+    let (carried, text) = match value {
+        None => (format!("{RAW_NULL_PREFIX}{name}"), String::new()),
+        Some(v) => match std::str::from_utf8(v) {
+            Ok(text) if as_is => (name.to_string(), text.to_string()),
+            Ok(text) => (format!("{RAW_HEADER_PREFIX}{name}"), text.to_string()),
+            Err(_) => (
+                format!("{RAW_BASE64_PREFIX}{name}"),
+                base64::engine::general_purpose::STANDARD.encode(v),
+            ),
+        },
+    };
+    env.headers.insert(carried, text);
+}
+
+/// Whether a record header name can be an envelope header as it is: not an
+/// envelope field, not postbox's own metadata, and not a name this binding
+/// reserves ([`check_transport_name`]), which could not be written back.
 fn is_carried_as_is(name: &str) -> bool {
     !(is_reserved(name)
-        || name.starts_with(RAW_NAMESPACE)
         || name == DECODE_ERROR
         || dlq::is_metadata(name)
-        || delivery::RETRY_NAMES.contains(&name))
+        || delivery::RETRY_NAMES.contains(&name)
+        || check_transport_name(name).is_err())
+}
+
+/// Refuses a transport header (an envelope header that is not a valid
+/// attribute name, written as a plain record header) whose name the binding
+/// or postbox reserves: `ce_…` (attributes), `content-type`, and postbox's
+/// own `postbox-…` / `postbox.…` transport headers. Read back, such a header
+/// would be taken for what it names.
+fn check_transport_name(name: &str) -> Result<(), Error> {
+    let lower = |p: &str| {
+        name.get(..p.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(p))
+    };
+    if lower(CE_PREFIX)
+        || name.eq_ignore_ascii_case(CONTENT_TYPE)
+        || lower("postbox-")
+        || lower("postbox.")
+    {
+        Err(Error::new(
+            ErrorKind::Encode,
+            format!(
+                "header {name:?} is not a CloudEvents attribute name, so it travels as a plain Kafka header, \
+                 and that name is reserved (`ce_…`, `content-type`, `postbox-…`, `postbox.…`): rename it"
+            ),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether a plain record header of a record that decoded (a CloudEvent or
+/// a foreign record) becomes an envelope header under its own name: yes,
+/// unless it names an envelope field or the decoder's carrier; names in
+/// the `kafka:` namespace are postbox's own carried names, read as they are.
+fn is_read_back_as_is(name: &str) -> bool {
+    !(is_reserved(name) || name == DECODE_ERROR)
 }
 
 /// The record an undecodable record's envelope stands for (the inverse of
@@ -517,11 +579,7 @@ fn foreign_envelope(
     let mut envelope = Box::new(foreign::envelope(facts, payload));
     envelope.key = record.key.map(|k| String::from_utf8_lossy(k).into_owned());
     for (name, value) in others {
-        if is_reserved(name) {
-            continue;
-        }
-        let v = value.map(String::from_utf8_lossy).unwrap_or_default();
-        envelope.headers.insert(name.to_string(), v.into_owned());
+        carry(&mut envelope, name, *value, is_read_back_as_is(name));
     }
     Decoded {
         envelope,
@@ -719,14 +777,37 @@ mod tests {
         assert_eq!(env.id.as_str(), "orders/2/9");
         assert_eq!(env.source, "kafka:orders");
         assert_eq!(&env.payload[..], b"\x00garbage");
-        assert_eq!(env.headers["ce_specversion"], "0.3");
+        // Names this binding reserves are carried under `kafka:header:`,
+        // so the dead-letter copy can write them back as plain headers.
+        assert_eq!(env.headers["kafka:header:ce_specversion"], "0.3");
         assert_eq!(env.headers["kafka:header:id"], "not-an-attribute");
         assert_eq!(env.headers["kafka:base64:trace"], "wyg=");
         assert_eq!(env.headers["kafka:null:empty"], "");
-        assert_eq!(env.headers["content-type"], "application/json");
-        assert!(env.headers[DECODE_ERROR].contains("specversion"));
+        assert_eq!(env.headers["kafka:header:content-type"], "application/json");
+        // Its dead-letter copy is a valid CloudEvent: every header is either
+        // `ce_<attribute name>`, `content-type`, or a plain transport header
+        // that reads back as the same envelope header.
+        // (The source takes the decode-error carrier out before anything
+        // is published.)
+        let mut env = env.clone();
+        env.headers.remove(DECODE_ERROR);
+        let copy = encode(&env, None, ContentMode::Binary).unwrap();
+        let written = pairs(&copy.headers);
+        for (name, _) in &written {
+            if let Some(a) = name.strip_prefix(CE_PREFIX) {
+                assert!(postbox_core::codec::is_attribute_name(a), "{name}");
+            }
+        }
+        let rec2 = RecordRef {
+            key: env.key.as_deref().map(str::as_bytes),
+            ..rec
+        };
+        let mut back = decode_pairs(rec2, &written).envelope;
+        back.key.clone_from(&env.key);
+        assert_eq!(back.headers, env.headers);
+        assert!(d.envelope.headers[DECODE_ERROR].contains("specversion"));
         // What a replay sends back: the record as it arrived.
-        let raw = restore_undecodable(env).unwrap();
+        let raw = restore_undecodable(&env).unwrap();
         assert_eq!(raw.key.as_deref(), Some(&[0xff, b'k'][..]));
         assert_eq!(&raw.value[..], b"\x00garbage");
         let mut want: Vec<(String, Option<Vec<u8>>)> = headers
@@ -798,6 +879,46 @@ mod tests {
             assert_eq!(d.envelope.event_type, UNDECODABLE_TYPE, "{ct}");
             assert_eq!(&d.envelope.payload[..], body);
             assert!(d.envelope.headers.contains_key(DECODE_ERROR));
+        }
+    }
+
+    #[test]
+    fn headers_that_are_not_attribute_names_travel_as_plain_headers_in_both_modes() {
+        let env = Envelope::builder("t")
+            .key("k")
+            .header("tenant", "acme")
+            .header("x-trace", "abc")
+            .header("traceId", "t-1")
+            .build();
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            let enc = encode(&env, None, mode).unwrap();
+            let names: Vec<String> = pairs(&enc.headers).into_iter().map(|p| p.0).collect();
+            assert!(names.contains(&"x-trace".to_string()), "{mode}: {names:?}");
+            assert!(names.contains(&"traceId".to_string()), "{mode}: {names:?}");
+            assert!(!names.iter().any(|n| n == "ce_x-trace" || n == "ce_traceId"));
+            if mode == ContentMode::Binary {
+                assert!(names.contains(&"ce_tenant".to_string()));
+            }
+            let back = round_trip_in(&env, None, mode);
+            assert_eq!(*back.envelope, env, "{mode}");
+        }
+    }
+
+    #[test]
+    fn transport_header_names_the_binding_reserves_are_refused() {
+        for name in [
+            "ce_x",
+            "CE_Y",
+            "Content-Type",
+            "postbox-due",
+            "postbox.decode-error",
+        ] {
+            let env = Envelope::builder("t").header(name, "v").build();
+            for mode in [ContentMode::Binary, ContentMode::Structured] {
+                let e = encode(&env, None, mode).unwrap_err();
+                assert_eq!(e.kind(), &ErrorKind::Encode, "{name}");
+                assert!(e.to_string().contains(name), "{e}");
+            }
         }
     }
 

@@ -1157,3 +1157,101 @@ async fn null_attribute_header_values_are_decode_failures() {
     }
     h.broker.close().await.unwrap();
 }
+
+/// The names of a record's attribute headers (`ce_…`) and the SDK's
+/// extensions that break the strict attribute-name rule. Plain headers
+/// (`content-type`, postbox's `postbox-*`, and headers whose names are not
+/// attribute names, such as `x-trace`) are outside the attribute set.
+fn invalid_names(m: &OwnedMessage) -> Vec<String> {
+    let mut out: Vec<String> = headers_of(m)
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| {
+            name.get(..CE_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(CE_PREFIX))
+        })
+        .filter(|name| !strict_attribute_name(&name[CE_PREFIX.len()..]))
+        .map(|name| format!("header {name:?}"))
+        .collect();
+    out.extend(
+        extensions(&oracle(m))
+            .into_keys()
+            .filter(|name| !strict_attribute_name(name))
+            .map(|name| format!("extension {name:?}")),
+    );
+    out
+}
+
+/// A foreign record's type is refused by this handler.
+fn refuse_foreign(env: &Envelope) -> Result<(), HandlerError> {
+    if env.event_type == "postbox.foreign" {
+        Err(HandlerError::permanent(Refused))
+    } else {
+        Ok(())
+    }
+}
+
+/// Every dead letter postbox writes is a valid CloudEvent, in both modes,
+/// also when what it carries came from outside: the dead letter of an
+/// undecodable record (whose headers — `ce_id`, `content-type`, `x-trace`,
+/// one that is not UTF-8 — it keeps for replay) and of a foreign record
+/// (whose `x-trace` header is a user header of its envelope). Headers whose
+/// names are not attribute names travel outside the attribute set, as plain
+/// headers, and come back as envelope headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_undecodable_and_foreign_records_are_valid_cloudevents() {
+    let mut found = Vec::new();
+    for mode in [ContentMode::Binary, ContentMode::Structured] {
+        let Some(h) = tansu_in(
+            "dead_letters_of_undecodable_and_foreign_records_are_valid_cloudevents",
+            mode,
+        )
+        .await
+        else {
+            return;
+        };
+        let t = unique("interop-dlq-names");
+        let dlq = format!("{t}.dlq");
+        h.create(&t).await.unwrap();
+        let raw = Raw::new();
+        let undecodable: [(&str, Option<&[u8]>); 7] = [
+            ("ce_specversion", Some(b"0.1")),
+            ("ce_id", Some(b"bad-1")),
+            ("ce_type", Some(b"com.example.bad")),
+            ("ce_source", Some(b"/bad")),
+            (CONTENT_TYPE, Some(b"application/json")),
+            ("x-trace", Some(b"abc")),
+            ("x-bytes", Some(&[0xc3, 0x28, 0xff])),
+        ];
+        raw.produce(&t, Some(b"undecodable"), Some(b"{}"), undecodable)
+            .await;
+        let foreign: [(&str, Option<&[u8]>); 1] = [("x-trace", Some(b"abc"))];
+        raw.produce(&t, Some(b"foreign"), Some(b"legacy"), foreign)
+            .await;
+        let (running, _) = consumer(&h, &t, "names", refuse_foreign).await;
+        wait_count(&h.broker, &dlq, 2).await;
+        let report = running.shutdown().await.unwrap();
+        assert_eq!(report.dead_lettered, 2, "{report:?}");
+        for m in read_raw(&dlq, 2).await {
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            for name in invalid_names(&m) {
+                found.push(format!("{mode:?} dead letter of the {key} record: {name}"));
+            }
+        }
+        // ... and the plain headers come back as envelope headers.
+        for d in h.broker.peek(&dlq, 10).await.unwrap() {
+            assert_eq!(
+                d.headers.get("x-trace").map(String::as_str),
+                Some("abc"),
+                "{mode:?}: {:?}",
+                d.headers
+            );
+        }
+        h.broker.close().await.unwrap();
+    }
+    assert!(
+        found.is_empty(),
+        "not valid CloudEvents attribute names:\n{}",
+        found.join("\n")
+    );
+}

@@ -141,7 +141,8 @@ impl std::fmt::Debug for Outbox {
 }
 
 fn encode(envelope: &Envelope) -> Result<String, Error> {
-    let doc = structured::encode(envelope)?;
+    // Storage, not the wire: every header is kept.
+    let doc = structured::encode_lossless(envelope)?;
     Ok(String::from_utf8(doc).expect("JSON is UTF-8"))
 }
 

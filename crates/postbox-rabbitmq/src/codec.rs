@@ -11,6 +11,20 @@
 //!   structured codec), `content_type` = [`STRUCTURED_CONTENT_TYPE`], no
 //!   attribute headers.
 //!
+//! **Transport headers** (core's header rule,
+//! [`is_attribute_name`](postbox_core::codec::is_attribute_name)): an
+//! envelope header whose name is not a valid CloudEvents attribute name
+//! (`x-trace`, `traceId`) is not an attribute: in both modes it is a plain
+//! AMQP header under its own name (a long string), beside the attribute
+//! headers or the structured body, and comes back as an envelope header. A
+//! few names are refused with an `Encode` error naming the header, before
+//! sending ([`check_transport_name`]): names starting with a decode prefix
+//! (`cloudEvents:`, `cloudEvents_`, `ce-`) or `postbox-` (postbox's own
+//! transport headers), the headers RabbitMQ sets when it dead-letters or
+//! redelivers (`x-death`, `x-delivery-count`, `x-first-death-…`,
+//! `x-last-death-…`) — all ASCII case-insensitive — and names longer than an
+//! AMQP short string (255 bytes).
+//!
 //! Both modes fill the native properties `message_id` = id, `type` = type,
 //! `app_id` = source, `timestamp` = time (seconds), `correlation_id`, and
 //! `delivery_mode` = 2 (persistent). The CloudEvents metadata of a message
@@ -33,17 +47,31 @@
 //! property is the `datacontenttype` (the header is read when the property
 //! is absent).
 //!
+//! The plain headers of a received CloudEvent (either mode) become envelope
+//! headers ([`read_transport_headers`]): every header without an attribute
+//! prefix except the reserved names above (postbox's and RabbitMQ's own,
+//! read where they mean something: `postbox-due`, `x-delivery-count`),
+//! its value as text rendered as for an undecodable message (strings as they
+//! are, integers, booleans, timestamps in RFC 3339, arrays and tables as
+//! JSON). A value that is not UTF-8 text is a decode failure naming the
+//! header (never lossy: the dead-letter copy carries it base64-encoded, see
+//! below). A header named like an envelope field (`id`, `time`, …) or like
+//! an extension the event also carries is kept under `amqp:header:<name>`.
+//!
 //! A **foreign** message (no CloudEvents marker) gets a synthesized
 //! envelope: id = the `message_id` property, or else `amqp-<hash>` — a
 //! 64-bit FNV-1a hash of exchange, routing key, `timestamp`, `correlation_id`
 //! and body, which is stable across redeliveries of one message (two
 //! byte-identical messages without `message_id`/`timestamp` share it); type =
 //! the `type` property or the configured default; source = `app_id` or
-//! `rabbitmq:<queue>`; content type = `content_type` or JSON.
+//! `rabbitmq:<queue>`; content type = `content_type` or JSON. Its AMQP
+//! headers are not carried (they are not postbox's).
 //!
 //! An **undecodable** message (CloudEvents markers, broken format) gets the
 //! envelope of [`undecodable_envelope`]: what arrived, so that its dead-letter
-//! copy shows it and a replay can put it back ([`restore_undecodable`]).
+//! copy shows it — as a valid CloudEvent: headers named like attributes or
+//! like reserved names travel under `amqp:header:` — and a replay can put it
+//! back ([`restore_undecodable`]).
 //!
 //! Destinations (see [`route`]): `orders` is the queue `orders` (through the
 //! default exchange); `queue:orders` is the same; `exchange:events` is the
@@ -58,8 +86,9 @@ use bytes::Bytes;
 use lapin::types::{AMQPValue, DecimalValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use postbox_core::codec::{
-    attr, binary, check_event_format, foreign, format_time, is_reserved,
-    is_structured_content_type, structured, ContentMode, STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE,
+    attr, binary, check_event_format, foreign, format_time, is_attribute_name, is_reserved,
+    is_structured_content_type, structured, transport_headers, ContentMode,
+    STRUCTURED_CONTENT_TYPE, UNDECODABLE_TYPE,
 };
 use postbox_core::{dlq, Envelope, Error, ErrorKind, MessageId};
 
@@ -72,6 +101,15 @@ pub(crate) const DECODE_PREFIXES: [&str; 3] = ["cloudEvents:", "cloudEvents_", "
 pub(crate) const TIER_HEADER: &str = "postbox-delay-tier";
 /// Header quorum queues set on redeliveries.
 pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
+/// The prefix of postbox's own transport headers ([`TIER_HEADER`],
+/// [`DUE_HEADER`](postbox_core::delay::DUE_HEADER)).
+const POSTBOX_PREFIX: &str = "postbox-";
+/// The header RabbitMQ adds when it dead-letters a message.
+const DEATH_HEADER: &str = "x-death";
+/// The prefixes of the headers RabbitMQ adds with `x-death`.
+const DEATH_PREFIXES: [&str; 2] = ["x-first-death-", "x-last-death-"];
+/// The longest AMQP header name (a short string).
+const MAX_HEADER_NAME: usize = 255;
 
 /// The most CloudEvents metadata one message may carry, in bytes as
 /// [`metadata_bytes`] counts them: checked when publishing (an `Encode`
@@ -159,10 +197,11 @@ pub(crate) fn encode(
     mode: ContentMode,
 ) -> Result<Encoded, Error> {
     check_metadata(env, ErrorKind::Encode)?;
+    let transport = transport_table(env)?;
     let props = native_properties(env);
     match mode {
         ContentMode::Binary => {
-            let mut props = props.with_headers(encode_headers(env, prefix)?);
+            let mut props = props.with_headers(encode_headers(env, prefix, transport)?);
             // A binary message must not look structured to its receivers.
             if !is_structured_content_type(&env.content_type) {
                 if let Ok(ct) = ShortString::try_new(env.content_type.as_ref()) {
@@ -174,23 +213,131 @@ pub(crate) fn encode(
                 body: env.payload.clone(),
             })
         }
-        ContentMode::Structured => Ok(Encoded {
-            properties: props.with_content_type(STRUCTURED_CONTENT_TYPE.into()),
-            body: Bytes::from(structured::encode(env)?),
-        }),
+        ContentMode::Structured => {
+            let body = Bytes::from(structured::encode(env)?);
+            let mut props = props.with_content_type(STRUCTURED_CONTENT_TYPE.into());
+            // The document holds the attributes; transport headers ride
+            // beside it.
+            if !transport.inner().is_empty() {
+                props = props.with_headers(transport);
+            }
+            Ok(Encoded {
+                properties: props,
+                body,
+            })
+        }
     }
 }
 
-/// The headers table of an envelope (CloudEvents attributes and user headers).
-fn encode_headers(env: &Envelope, prefix: HeaderPrefix) -> Result<FieldTable, Error> {
+/// The headers table of an envelope in binary mode: its CloudEvents
+/// attributes (user headers with valid attribute names included), prefixed,
+/// and its transport headers `table` as they are.
+fn encode_headers(
+    env: &Envelope,
+    prefix: HeaderPrefix,
+    mut table: FieldTable,
+) -> Result<FieldTable, Error> {
     let attrs = binary::encode(env)?;
-    let mut table = FieldTable::default();
     let p = prefix.as_str();
     for (name, value) in attrs {
-        let key = short("header name", &format!("{p}{name}"))?;
+        let key = ShortString::try_new(format!("{p}{name}")).map_err(|e| {
+            Error::new(
+                ErrorKind::Encode,
+                format!(
+                    "header {:?} is longer than the {} bytes an AMQP header name holds with the prefix `{p}`",
+                    shown(&name),
+                    MAX_HEADER_NAME - p.len()
+                ),
+            )
+            .with_source(e)
+        })?;
         table.insert(key, AMQPValue::LongString(LongString::from(value)));
     }
     Ok(table)
+}
+
+/// The transport headers of an envelope (those whose names are not
+/// attribute names) as plain AMQP headers, long strings under their own
+/// names; a name the transport reserves is an `Encode` error.
+fn transport_table(env: &Envelope) -> Result<FieldTable, Error> {
+    let mut table = FieldTable::default();
+    for (name, value) in transport_headers(env) {
+        check_transport_name(name)?;
+        table.insert(
+            ShortString::from(name),
+            AMQPValue::LongString(LongString::from(value)),
+        );
+    }
+    Ok(table)
+}
+
+/// Whether RabbitMQ or postbox reserve a plain AMQP header name (ASCII
+/// case-insensitive): a decode prefix (`cloudEvents:`, `cloudEvents_`,
+/// `ce-`), postbox's own `postbox-…` headers, and what RabbitMQ adds when it
+/// dead-letters or redelivers (`x-death`, `x-delivery-count`,
+/// `x-first-death-…`, `x-last-death-…`). Such a header is never an envelope
+/// header: it is refused when publishing and not read back.
+pub(crate) fn is_reserved_header(name: &str) -> bool {
+    let starts = |p: &str| {
+        name.get(..p.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(p))
+    };
+    DECODE_PREFIXES.iter().any(|p| starts(p))
+        || starts(POSTBOX_PREFIX)
+        || name.eq_ignore_ascii_case(DEATH_HEADER)
+        || name.eq_ignore_ascii_case(DELIVERY_COUNT)
+        || DEATH_PREFIXES.iter().any(|p| starts(p))
+}
+
+/// The name for error messages: at most 60 bytes of it.
+fn shown(name: &str) -> Cow<'_, str> {
+    if name.len() <= 60 {
+        return Cow::Borrowed(name);
+    }
+    let mut end = 60;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}… ({} bytes)", &name[..end], name.len()))
+}
+
+/// Refuses a transport header (an envelope header that is not a valid
+/// attribute name, written as a plain AMQP header) whose name the transport
+/// reserves ([`is_reserved_header`]) or that is longer than an AMQP short
+/// string: an `Encode` error naming it.
+pub(crate) fn check_transport_name(name: &str) -> Result<(), Error> {
+    if is_reserved_header(name) {
+        return Err(Error::new(
+            ErrorKind::Encode,
+            format!(
+                "header {:?} is not a CloudEvents attribute name, so it travels as a plain AMQP header, \
+                 and that name is reserved (`cloudEvents:…`, `cloudEvents_…`, `ce-…`, `postbox-…`, `x-death`, \
+                 `x-delivery-count`, `x-first-death-…`, `x-last-death-…`, any case): rename it",
+                shown(name)
+            ),
+        ));
+    }
+    if name.len() > MAX_HEADER_NAME {
+        return Err(Error::new(
+            ErrorKind::Encode,
+            format!(
+                "header {:?} is not a CloudEvents attribute name, so it travels as a plain AMQP header, \
+                 and its name is longer than the {MAX_HEADER_NAME} bytes an AMQP header name holds",
+                shown(name)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether an envelope header named `name` can be published (under the
+/// longest attribute prefix if it is an attribute name).
+fn is_publishable(name: &str) -> bool {
+    if is_attribute_name(name) {
+        name.len() <= MAX_CARRIED_NAME
+    } else {
+        check_transport_name(name).is_ok()
+    }
 }
 
 /// The native properties of both modes (no content type, no headers).
@@ -225,8 +372,8 @@ fn native_properties(env: &Envelope) -> BasicProperties {
 }
 
 /// The size of an envelope's CloudEvents metadata as [`MAX_METADATA_BYTES`]
-/// bounds it: each attribute's name and value plus 20 bytes, the retry and
-/// dead-letter metadata excepted.
+/// bounds it: each attribute's and transport header's name and value plus
+/// 20 bytes, the retry and dead-letter metadata excepted.
 pub fn metadata_bytes(env: &Envelope) -> usize {
     let attribute = |name: &str, value: usize| ATTRIBUTE_OVERHEAD + name.len() + value;
     let mut n = attribute(attr::SPECVERSION, 3)
@@ -244,6 +391,7 @@ pub fn metadata_bytes(env: &Envelope) -> usize {
             n += attribute(name, v.len());
         }
     }
+    // Every header, extension attribute or transport header alike.
     for (k, v) in &env.headers {
         if !dlq::is_metadata(k) {
             n += attribute(k, v.len());
@@ -358,14 +506,32 @@ pub(crate) fn decode(
         .as_ref()
         .map(|c| c.as_str())
         .filter(|c| !c.is_empty());
-    if let Some(ct) = content_type.filter(|ct| is_structured_content_type(ct)) {
-        check_event_format(ct)?;
-        let env = structured::decode(&body)?;
-        check_metadata(&env, ErrorKind::Decode)?;
-        return Ok(env);
+    let mut env = match content_type.filter(|ct| is_structured_content_type(ct)) {
+        Some(ct) => {
+            check_event_format(ct)?;
+            structured::decode(&body)?
+        }
+        None => match decode_binary(props, body, content_type)? {
+            Ok(env) => env,
+            Err(body) => return Ok(foreign_envelope(props, body, info, foreign_type)),
+        },
+    };
+    if let Some(headers) = props.headers() {
+        read_transport_headers(&mut env, headers)?;
     }
+    check_metadata(&env, ErrorKind::Decode)?;
+    Ok(env)
+}
+
+/// A binary-mode CloudEvent from the attribute headers, or the body back
+/// when no header marks the message as one (a foreign message).
+fn decode_binary(
+    props: &BasicProperties,
+    body: Bytes,
+    content_type: Option<&str>,
+) -> Result<Result<Envelope, Bytes>, Error> {
     let Some(headers) = props.headers().as_ref() else {
-        return Ok(foreign_envelope(props, body, info, foreign_type));
+        return Ok(Err(body));
     };
     let mut marked = false;
     let mut attrs: Vec<(&str, Cow<'_, str>)> = Vec::with_capacity(headers.inner().len() + 1);
@@ -383,16 +549,60 @@ pub(crate) fn decode(
         }
     }
     if !marked {
-        return Ok(foreign_envelope(props, body, info, foreign_type));
+        return Ok(Err(body));
     }
     if let Some(ct) = content_type {
         // The binding maps `datacontenttype` to the property; pushed last,
         // it wins over a header of the same attribute.
         attrs.push((attr::DATACONTENTTYPE, Cow::Borrowed(ct)));
     }
-    let env = binary::decode(attrs.iter().map(|(k, v)| (*k, v.as_ref())), body)?;
-    check_metadata(&env, ErrorKind::Decode)?;
-    Ok(env)
+    binary::decode(attrs.iter().map(|(k, v)| (*k, v.as_ref())), body).map(Ok)
+}
+
+/// Puts the plain headers of a received CloudEvent into its envelope (see
+/// the module docs): every header but the reserved ones
+/// ([`is_reserved_header`], which includes the attribute prefixes), its
+/// value as text ([`render`]); a value that is not UTF-8 text is a decode
+/// error naming the header. A name the envelope cannot hold as it is — an
+/// envelope field (`id`, `time`, …) or an extension the event already
+/// carries — goes under `amqp:header:<name>`; a name that could not be
+/// written back (too long with its prefix, or taken twice) is a decode
+/// error: whatever is read can be published again, as a retry or
+/// dead-letter copy.
+fn read_transport_headers(env: &mut Envelope, headers: &FieldTable) -> Result<(), Error> {
+    for (k, v) in headers.inner() {
+        let header = k.as_str();
+        if is_reserved_header(header) {
+            continue;
+        }
+        let value = match render(v) {
+            Rendered::Text(text) => text.into_owned(),
+            Rendered::Base64(_) => {
+                return Err(decode_error(format!(
+                    "`{header}` is not UTF-8 text (a plain header of a CloudEvent is read as text)"
+                )))
+            }
+        };
+        let name = if is_reserved(header) || env.headers.contains_key(header) {
+            format!("{RAW_HEADER_PREFIX}{header}")
+        } else {
+            header.to_string()
+        };
+        if env.headers.contains_key(&name) {
+            return Err(decode_error(format!(
+                "`{header}` and another header are both carried as the envelope header `{name}`"
+            )));
+        }
+        if !is_publishable(&name) {
+            return Err(decode_error(format!(
+                "the name of `{}` is too long to be carried as the envelope header `{}`",
+                shown(header),
+                shown(&name)
+            )));
+        }
+        env.headers.insert(name, value);
+    }
+    Ok(())
 }
 
 /// The CloudEvents type an attribute is read in.
@@ -579,9 +789,13 @@ fn message_id(props: &BasicProperties, body: &[u8], info: WireInfo<'_>) -> Messa
 ///   text: strings as they are, integers and booleans in decimal /
 ///   `true`/`false`, timestamps in RFC 3339, arrays and tables as JSON; a
 ///   value that is not UTF-8 goes base64-encoded under `amqp:base64:<name>`,
-///   and a name that cannot be an envelope header (a reserved attribute name
-///   such as `id`, the `amqp:` namespace, longer than 243 bytes) goes under
-///   `amqp:header:<name>` (cut to 243 bytes);
+///   and a name that cannot be an envelope header as it is goes under
+///   `amqp:header:<name>` (cut to 243 bytes): a reserved attribute name
+///   such as `id`, postbox's dead-letter and retry metadata names, the
+///   `amqp:` namespace, a name longer than 243 bytes, and the names a copy
+///   could not carry as a plain header ([`is_reserved_header`]:
+///   `cloudEvents:id`, `ce-…`, `postbox-due`, `x-death`, …) — so the
+///   dead-letter copy is a valid CloudEvent, and can always be published;
 /// * every AMQP property as `amqp:<name>` (`amqp:content-type`,
 ///   `amqp:message-id`, `amqp:timestamp` in seconds, …);
 /// * the whole stays within `max_metadata` ([`undecodable_budget`]), so its
@@ -657,8 +871,10 @@ fn carried_name(name: &str, namespace: Option<&str>) -> String {
     let namespace = match namespace {
         Some(ns) => ns,
         None if is_reserved(name)
+            || dlq::is_metadata(name)
             || name.starts_with(PROPERTY_PREFIX)
-            || name.len() > MAX_CARRIED_NAME =>
+            || name.len() > MAX_CARRIED_NAME
+            || !is_publishable(name) =>
         {
             RAW_HEADER_PREFIX
         }
@@ -1313,9 +1529,11 @@ mod tests {
         assert!(env.id.as_str().starts_with("amqp-"));
         assert_eq!(env.content_type, "application/octet-stream");
         let h = &env.headers;
-        assert_eq!(h["cloudEvents:specversion"], "9.9");
-        assert_eq!(h["cloudEvents:id"], "e-1");
-        assert_eq!(h["cloudEvents:time"], "2023-11-14T22:13:20Z");
+        // Headers named like attributes travel as `amqp:header:`, so the
+        // dead-letter copy stays a valid CloudEvent.
+        assert_eq!(h["amqp:header:cloudEvents:specversion"], "9.9");
+        assert_eq!(h["amqp:header:cloudEvents:id"], "e-1");
+        assert_eq!(h["amqp:header:cloudEvents:time"], "2023-11-14T22:13:20Z");
         assert_eq!(
             h["amqp:base64:cloudEvents:bin"],
             base64::engine::general_purpose::STANDARD.encode(&not_utf8)
@@ -1325,7 +1543,10 @@ mod tests {
             h["amqp:header:amqp:content-type"],
             "a header in the amqp: namespace"
         );
-        assert_eq!(h["x-death"], r#"[{"count":1,"queue":"orders"}]"#);
+        assert_eq!(
+            h["amqp:header:x-death"],
+            r#"[{"count":1,"queue":"orders"}]"#
+        );
         assert_eq!(h["x-n"], "-2");
         assert_eq!(h["x-d"], "0.012");
         assert_eq!(h["amqp:content-type"], "application/x-thing");
@@ -1379,8 +1600,8 @@ mod tests {
         let env =
             undecodable_envelope(&props, Bytes::from_static(b"b"), info(), MAX_METADATA_BYTES);
         assert!(metadata_bytes(&env) <= MAX_METADATA_BYTES);
-        assert!(!env.headers.contains_key("cloudEvents:big"));
-        assert_eq!(env.headers["cloudEvents:small"], "kept");
+        assert!(!env.headers.contains_key("amqp:header:cloudEvents:big"));
+        assert_eq!(env.headers["amqp:header:cloudEvents:small"], "kept");
         assert!(
             env.headers[RAW_OMITTED].starts_with("1 headers"),
             "{:?}",
@@ -1503,11 +1724,354 @@ mod tests {
     fn overlong_header_names_are_encode_errors() {
         let mut env = sample();
         env.headers.insert("h".repeat(300), "v".into());
+        let e = encode(&env, HeaderPrefix::CloudEvents, ContentMode::Binary).unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::Encode);
+        assert!(e.message().contains(&"h".repeat(60)), "{e}");
+    }
+
+    // -----------------------------------------------------------------------
+    // The header rule: names that are not attribute names are transport
+    // metadata, plain AMQP headers.
+    // -----------------------------------------------------------------------
+
+    /// An envelope with a valid-name header and two that are not.
+    fn with_transport_headers() -> Envelope {
+        Envelope::builder("order.placed")
+            .source("shop")
+            .header("tenant", "acme")
+            .header("x-trace", "t-1")
+            .header("traceId", "abc")
+            .payload(r#"{"id":1}"#)
+            .build()
+    }
+
+    #[test]
+    fn transport_headers_are_plain_amqp_headers_in_both_modes() {
+        let env = with_transport_headers();
+        let modes = [
+            (HeaderPrefix::CloudEvents, ContentMode::Binary),
+            (HeaderPrefix::CloudEventsUnderscore, ContentMode::Binary),
+            (HeaderPrefix::Ce, ContentMode::Binary),
+            (HeaderPrefix::CloudEvents, ContentMode::Structured),
+            (HeaderPrefix::Ce, ContentMode::Structured),
+        ];
+        for (prefix, mode) in modes {
+            let what = format!("{prefix:?} {mode:?}");
+            let encoded = encode(&env, prefix, mode).unwrap();
+            let table = encoded.properties.headers().as_ref().expect(&what).inner();
+            assert_eq!(table.get("x-trace"), Some(&text("t-1")), "{what}");
+            assert_eq!(table.get("traceId"), Some(&text("abc")), "{what}");
+            // Every prefixed header is a valid attribute name.
+            for k in table.keys() {
+                let name = DECODE_PREFIXES
+                    .iter()
+                    .find_map(|p| binary::strip_prefix(k.as_str(), p));
+                if let Some(name) = name {
+                    assert!(postbox_core::codec::is_attribute_name(name), "{what}: {k}");
+                }
+            }
+            match mode {
+                ContentMode::Binary => {
+                    let tenant = format!("{}tenant", prefix.as_str());
+                    assert_eq!(table.get(tenant.as_str()), Some(&text("acme")), "{what}");
+                }
+                ContentMode::Structured => {
+                    assert_eq!(table.len(), 2, "{what}: only transport headers");
+                    let doc: serde_json::Map<String, serde_json::Value> =
+                        serde_json::from_slice(&encoded.body).unwrap();
+                    assert_eq!(doc["tenant"], "acme", "{what}");
+                    assert!(!doc.contains_key("x-trace"), "{what}");
+                    assert!(!doc.contains_key("traceId"), "{what}");
+                }
+            }
+            assert_eq!(round_trip(&encoded), env, "{what}");
+        }
+        // Without transport headers structured mode writes no headers.
+        let plain = sample();
+        let encoded = encode(&plain, HeaderPrefix::CloudEvents, ContentMode::Structured).unwrap();
+        assert!(encoded.properties.headers().is_none());
+    }
+
+    #[test]
+    fn names_the_transport_reserves_are_refused_naming_the_header() {
+        // Not an attribute name (so a plain header), longer than 255 bytes.
+        let long = format!("x-{}", "h".repeat(254));
+        let names = [
+            "cloudEvents:id",
+            "cloudEvents:x-trace",
+            "CloudEvents:Tenant",
+            "cloudevents_x",
+            "cloudEvents_id",
+            "ce-id",
+            "CE-Trace",
+            "postbox-due",
+            "postbox-delay-tier",
+            "Postbox-Anything",
+            "x-death",
+            "X-Death",
+            "x-delivery-count",
+            "x-first-death-queue",
+            "x-first-death-reason",
+            "x-last-death-exchange",
+            long.as_str(),
+        ];
+        for name in names {
+            let env = Envelope::builder("t").header(name, "v").build();
+            for mode in [ContentMode::Binary, ContentMode::Structured] {
+                let e = encode(&env, HeaderPrefix::CloudEvents, mode)
+                    .expect_err(&format!("{name} {mode:?}"));
+                assert_eq!(e.kind(), &ErrorKind::Encode, "{name} {mode:?}");
+                let shown = &name[..name.len().min(40)];
+                assert!(e.message().contains(shown), "{name} {mode:?}: {e}");
+            }
+        }
+        // Names near the reserved ones are fine.
+        for name in [
+            "x-deaths", "x-trace", "cex", "postbox", "x-first", "X-Trace",
+        ] {
+            let env = Envelope::builder("t").header(name, "v").build();
+            let encoded = encode(&env, HeaderPrefix::CloudEvents, ContentMode::Binary)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(round_trip(&encoded), env, "{name}");
+        }
+    }
+
+    #[test]
+    fn plain_headers_of_received_events_become_envelope_headers() {
+        let list = AMQPValue::FieldArray(FieldArray::from(vec![text("a"), AMQPValue::LongInt(1)]));
+        let plain: Vec<(&str, AMQPValue)> = vec![
+            ("x-trace", text("t-1")),
+            ("traceId", AMQPValue::ShortString("abc".into())),
+            ("x-n", AMQPValue::ShortInt(-2)),
+            ("x-flag", AMQPValue::Boolean(true)),
+            ("x-when", AMQPValue::Timestamp(1_700_000_000)),
+            ("x-list", list),
+            ("x-bytes", AMQPValue::ByteArray(b"utf8".to_vec().into())),
+            ("x-void", AMQPValue::Void),
+            // Named like an envelope field, or like an attribute the event
+            // carries: kept under `amqp:header:`.
+            ("id", text("plain id")),
+            ("tenant", text("plain tenant")),
+            // Set by RabbitMQ or postbox: not envelope metadata.
+            ("x-death", AMQPValue::FieldArray(FieldArray::default())),
+            ("x-first-death-queue", text("q")),
+            ("x-last-death-reason", text("expired")),
+            (DELIVERY_COUNT, AMQPValue::LongLongInt(2)),
+            (postbox_core::delay::DUE_HEADER, AMQPValue::LongLongInt(1)),
+            (TIER_HEADER, text("20ms")),
+        ];
+        let check = |env: &Envelope, what: &str| {
+            let h = &env.headers;
+            assert_eq!(h["x-trace"], "t-1", "{what}");
+            assert_eq!(h["traceId"], "abc", "{what}");
+            assert_eq!(h["x-n"], "-2", "{what}");
+            assert_eq!(h["x-flag"], "true", "{what}");
+            assert_eq!(h["x-when"], "2023-11-14T22:13:20Z", "{what}");
+            assert_eq!(h["x-list"], r#"["a",1]"#, "{what}");
+            assert_eq!(h["x-bytes"], "utf8", "{what}");
+            assert_eq!(h["x-void"], "", "{what}");
+            assert_eq!(h["amqp:header:id"], "plain id", "{what}");
+            assert_eq!(h["tenant"], "acme", "{what}");
+            assert_eq!(h["amqp:header:tenant"], "plain tenant", "{what}");
+            for k in h.keys() {
+                assert!(!k.starts_with("x-death"), "{what}: {k}");
+                assert!(!k.starts_with("x-first-death"), "{what}: {k}");
+                assert!(!k.starts_with("x-last-death"), "{what}: {k}");
+                assert!(!k.starts_with("postbox-"), "{what}: {k}");
+                assert_ne!(k, DELIVERY_COUNT, "{what}");
+            }
+            assert_eq!(h.len(), 11, "{what}: {h:?}");
+            // Whatever was read can be written again, in both modes.
+            for mode in [ContentMode::Binary, ContentMode::Structured] {
+                let encoded = encode(env, HeaderPrefix::CloudEvents, mode)
+                    .unwrap_or_else(|e| panic!("{what} {mode:?}: {e}"));
+                assert_eq!(&round_trip(&encoded), env, "{what} {mode:?}");
+            }
+        };
+        // Binary mode.
+        let mut extra = plain.clone();
+        extra.push(("cloudEvents:tenant", text("acme")));
+        let env = decode(&binary_props(&extra), Bytes::new(), info(), "x").unwrap();
+        check(&env, "binary");
+        // Structured mode: the headers beside the document; attribute
+        // headers there are not read.
+        let mut event = Envelope::builder("t")
+            .id("e-1")
+            .source("/s")
+            .header("tenant", "acme")
+            .build();
+        event.time = None;
+        let mut table = FieldTable::default();
+        for (k, v) in &plain {
+            table.insert((*k).into(), v.clone());
+        }
+        table.insert("cloudEvents:subject".into(), text("ignored"));
+        let props = BasicProperties::default()
+            .with_content_type(STRUCTURED_CONTENT_TYPE.into())
+            .with_headers(table);
+        let body = Bytes::from(structured::encode(&event).unwrap());
+        let env = decode(&props, body, info(), "x").unwrap();
+        assert_eq!(env.subject, None);
+        check(&env, "structured");
+    }
+
+    #[test]
+    fn a_plain_header_that_is_not_text_is_a_decode_failure_naming_it() {
+        let not_utf8 = vec![b'a', 0xff, 0xfe];
+        for value in [
+            AMQPValue::LongString(LongString::from(not_utf8.clone())),
+            AMQPValue::ByteArray(not_utf8.clone().into()),
+        ] {
+            let props = binary_props(&[("x-bin", value.clone())]);
+            let e = decode(&props, Bytes::new(), info(), "x").unwrap_err();
+            assert_eq!(e.kind(), &ErrorKind::Decode, "{value:?}");
+            assert!(e.message().contains("x-bin"), "{e}");
+            // Its dead-letter copy carries it base64-encoded, and replay
+            // puts it back.
+            let env = undecodable_envelope(&props, Bytes::new(), info(), MAX_METADATA_BYTES);
+            assert_eq!(
+                env.headers["amqp:base64:x-bin"],
+                base64::engine::general_purpose::STANDARD.encode(&not_utf8)
+            );
+            let restored = restore_undecodable(&env).unwrap();
+            let headers = restored.properties.headers().as_ref().unwrap().inner();
+            assert_eq!(
+                headers.get("x-bin"),
+                Some(&AMQPValue::LongString(LongString::from(not_utf8.clone())))
+            );
+        }
+    }
+
+    #[test]
+    fn transport_headers_count_in_the_metadata_limit() {
+        let small = with_transport_headers();
+        let mut big = small.clone();
+        big.headers
+            .insert("x-big".into(), "x".repeat(MAX_METADATA_BYTES));
+        assert!(metadata_bytes(&big) > metadata_bytes(&small) + MAX_METADATA_BYTES - 1);
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            let e = encode(&big, HeaderPrefix::CloudEvents, mode).unwrap_err();
+            assert_eq!(e.kind(), &ErrorKind::Encode, "{mode:?}");
+            assert!(e.message().contains("metadata"), "{e}");
+        }
+        let props = binary_props(&[("x-big", text(&"x".repeat(MAX_METADATA_BYTES)))]);
+        let e = decode(&props, Bytes::new(), info(), "x").unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::Decode);
+        assert!(e.message().contains("metadata"), "{e}");
+        let structured = BasicProperties::default()
+            .with_content_type(STRUCTURED_CONTENT_TYPE.into())
+            .with_headers(props.headers().clone().unwrap());
+        let body = Bytes::from(structured::encode(&sample()).unwrap());
+        let e = decode(&structured, body, info(), "x").unwrap_err();
+        assert!(e.message().contains("metadata"), "{e}");
+    }
+
+    #[test]
+    fn undecodable_copies_are_valid_cloudevents_and_restore_the_original() {
+        // Headers that, carried under their own names, would be written
+        // back as CloudEvents attributes or as names the transport reserves.
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), text("orders"));
+        let props = binary_props(&[
+            ("cloudEvents:specversion", text("0.3")),
+            ("CE-Trace", text("ce-dash")),
+            ("cloudEvents_x", text("underscore")),
+            ("x-trace", text("t-1")),
+            ("tenant", text("acme")),
+            (
+                "x-death",
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+            ),
+            ("x-first-death-queue", text("orders")),
+            ("x-delivery-count", text("3")),
+            ("postbox-due", text("123")),
+            ("dlqreason", text("a plain header named like metadata")),
+        ])
+        .with_message_id("m-1".into());
+        let body = Bytes::from_static(b"\xffbody");
+        let env = undecodable_envelope(&props, body.clone(), info(), MAX_METADATA_BYTES);
+        let h = &env.headers;
+        assert_eq!(h["amqp:header:cloudEvents:specversion"], "0.3");
+        assert_eq!(h["amqp:header:cloudEvents:id"], "e-1");
+        assert_eq!(h["amqp:header:CE-Trace"], "ce-dash");
+        assert_eq!(h["amqp:header:cloudEvents_x"], "underscore");
+        assert_eq!(h["amqp:header:x-death"], r#"[{"queue":"orders"}]"#);
+        assert_eq!(h["amqp:header:x-first-death-queue"], "orders");
+        assert_eq!(h["amqp:header:x-delivery-count"], "3");
+        assert_eq!(h["amqp:header:postbox-due"], "123");
         assert_eq!(
-            encode(&env, HeaderPrefix::CloudEvents, ContentMode::Binary)
-                .unwrap_err()
-                .kind(),
-            &ErrorKind::Encode
+            h["amqp:header:dlqreason"],
+            "a plain header named like metadata"
         );
+        assert_eq!(h["x-trace"], "t-1");
+        assert_eq!(h["tenant"], "acme");
+        let mut copy = env.clone();
+        postbox_core::DeadLetterMetadata {
+            reason: postbox_core::FailureReason::Decode,
+            error: "bad specversion".into(),
+            error_type: "decode".into(),
+            attempts: 1,
+            first_failed_at: UNIX_EPOCH,
+            last_failed_at: UNIX_EPOCH,
+            origin: postbox_core::Origin {
+                destination: "q".into(),
+                partition: None,
+                offset: None,
+            },
+            consumer: "c".into(),
+        }
+        .apply(&mut copy);
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            let encoded = encode(&copy, HeaderPrefix::CloudEvents, mode)
+                .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+            let table = encoded.properties.headers().as_ref().unwrap().inner();
+            for k in table.keys() {
+                let k = k.as_str();
+                if let Some(name) = DECODE_PREFIXES
+                    .iter()
+                    .find_map(|p| binary::strip_prefix(k, p))
+                {
+                    assert!(
+                        postbox_core::codec::is_attribute_name(name),
+                        "{mode:?}: {k}"
+                    );
+                }
+                assert!(!k.starts_with("x-death"), "{mode:?}: {k}");
+                assert!(!k.starts_with("x-first-death-"), "{mode:?}: {k}");
+                assert!(!k.starts_with("x-delivery-count"), "{mode:?}: {k}");
+                assert!(!k.starts_with("postbox-"), "{mode:?}: {k}");
+            }
+            let back = round_trip(&encoded);
+            assert_eq!(back, copy, "{mode:?}");
+            let original = restore_undecodable(&back).unwrap();
+            assert_eq!(original.body, body);
+            let headers = original.properties.headers().as_ref().unwrap().inner();
+            let mut expected = props.headers().as_ref().unwrap().inner().clone();
+            // Values go back as long strings.
+            expected.insert("x-death".into(), text(r#"[{"queue":"orders"}]"#));
+            assert_eq!(headers, &expected, "{mode:?}");
+            assert_eq!(
+                original.properties.message_id().as_ref().unwrap().as_str(),
+                "m-1"
+            );
+        }
+    }
+
+    #[test]
+    fn foreign_messages_carry_no_headers() {
+        let mut t = FieldTable::default();
+        t.insert("X-Trace".into(), text("f-1"));
+        t.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::default()),
+        );
+        let props = BasicProperties::default().with_headers(t);
+        let env = decode(&props, Bytes::from_static(b"{}"), info(), "legacy").unwrap();
+        assert_eq!(env.event_type, "legacy");
+        assert!(env.headers.is_empty(), "{:?}", env.headers);
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            let encoded = encode(&env, HeaderPrefix::CloudEvents, mode).unwrap();
+            assert_eq!(round_trip(&encoded), env, "{mode:?}");
+        }
     }
 }

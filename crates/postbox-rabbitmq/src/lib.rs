@@ -23,7 +23,11 @@
 //! * Wire format: the CloudEvents AMQP binding, binary mode with
 //!   `cloudEvents:` headers ([`HeaderPrefix`]) or structured mode
 //!   ([`ContentMode`]), plus the native AMQP properties; decoding reads
-//!   both modes and foreign messages. A message with CloudEvents markers that
+//!   both modes and foreign messages. Envelope headers whose names are not
+//!   CloudEvents attribute names (`x-trace`, `traceId`) travel as plain AMQP
+//!   headers in both modes; the few names RabbitMQ and postbox reserve
+//!   (`cloudEvents:…`, `ce-…`, `postbox-…`, `x-death`, …) are an `Encode`
+//!   error. A message with CloudEvents markers that
 //!   breaks the format is handed to the consumer runtime as undecodable
 //!   ([`Delivery::decode_error`](postbox_core::Delivery::decode_error)), which
 //!   dead-letters it with reason `decode` through the consumer's router.

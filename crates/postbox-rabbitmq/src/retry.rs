@@ -26,7 +26,11 @@
 //! Attempt and due metadata are written fresh on every copy (headers are
 //! replaced, never appended; the broker's `x-death` is not carried over).
 //! A copy is written in the configured content mode; in structured mode
-//! the delay-tier and due headers are the only headers.
+//! the delay-tier and due headers go beside the envelope's transport
+//! headers (names that are not attribute names), in binary mode beside the
+//! attribute headers too. The envelope cannot hold either name: `postbox-…`
+//! is refused when publishing and not read back as an envelope header, nor
+//! is the `x-death` the tier adds when the copy expires.
 //!
 //! [`Broker::publish_delayed`](postbox_core::Broker::publish_delayed) uses the
 //! same path: the message is published into a tier with its due time, and

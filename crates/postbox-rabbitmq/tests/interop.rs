@@ -74,6 +74,24 @@ impl Raw {
             .expect("raw confirm");
     }
 
+    /// Takes one message off `queue` without acking it (the caller nacks it
+    /// back), waiting for it.
+    async fn get_unacked(&self, queue: &str) -> lapin::message::Delivery {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                .await
+                .expect("basic.get");
+            if let Some(m) = got {
+                return m.delivery;
+            }
+            assert!(Instant::now() < deadline, "nothing arrived on {queue}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Takes one message off `queue` (auto-ack), waiting for it.
     async fn get(&self, queue: &str) -> lapin::message::Delivery {
         let deadline = Instant::now() + WAIT;
@@ -389,7 +407,8 @@ async fn lossy_or_mistyped_headers_are_decode_failures() {
 
 /// An undecodable message is dead-lettered by the consumer's own router (its
 /// route, its consumer name), with what arrived: the body unchanged and the
-/// AMQP headers under their own names (subject and partition key kept).
+/// AMQP headers (subject and partition key kept) — its attribute headers
+/// under `amqp:header:`, so the copy is a valid CloudEvent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_messages_go_through_the_consumers_router() {
     let Some(broker) = common::broker("undecodable_messages_router").await else {
@@ -437,11 +456,11 @@ async fn undecodable_messages_go_through_the_consumers_router() {
     assert_eq!(h["dlqconsumer"], "billing");
     assert_eq!(h["dlqorigin"], q);
     assert!(h["dlqerror"].contains("specversion"), "{}", h["dlqerror"]);
-    assert_eq!(h["cloudEvents:specversion"], "7.0");
-    assert_eq!(h["cloudEvents:id"], "r-1");
-    assert_eq!(h["cloudEvents:source"], "/shop");
-    assert_eq!(h["cloudEvents:subject"], "order-9");
-    assert_eq!(h["cloudEvents:partitionkey"], "customer-3");
+    assert_eq!(h["amqp:header:cloudEvents:specversion"], "7.0");
+    assert_eq!(h["amqp:header:cloudEvents:id"], "r-1");
+    assert_eq!(h["amqp:header:cloudEvents:source"], "/shop");
+    assert_eq!(h["amqp:header:cloudEvents:subject"], "order-9");
+    assert_eq!(h["amqp:header:cloudEvents:partitionkey"], "customer-3");
     assert_eq!(h["x-custom"], "kept");
     assert_eq!(h["amqp:app-id"], "legacy-app");
     for name in [&q, &format!("{q}.dlq"), &custom] {
@@ -484,7 +503,7 @@ async fn dead_letter_operations_show_undecodable_dead_letters() {
     let env = &peeked[0];
     assert_eq!(&env.payload[..], body);
     assert_eq!(env.headers["dlqreason"], "decode");
-    assert_eq!(env.headers["cloudEvents:specversion"], "2.0");
+    assert_eq!(env.headers["amqp:header:cloudEvents:specversion"], "2.0");
     assert_eq!(env.headers["amqp:content-type"], "application/x-custom");
     assert_eq!(broker.count(&dlq).await.unwrap(), 1, "peek took nothing");
     let report = broker.replay(&dlq, &|_| true, 10).await.unwrap();
@@ -536,8 +555,12 @@ async fn dead_letter_operations_show_undecodable_dead_letters() {
     let env = &peeked[0];
     assert_eq!(env.id.as_str(), "m-2");
     assert_eq!(&env.payload[..], body);
-    assert_eq!(env.headers["cloudEvents:specversion"], "2.0");
-    assert!(env.headers["x-death"].contains(&q2), "{:?}", env.headers);
+    assert_eq!(env.headers["amqp:header:cloudEvents:specversion"], "2.0");
+    assert!(
+        env.headers["amqp:header:x-death"].contains(&q2),
+        "{:?}",
+        env.headers
+    );
     // Replay sends it back to the queue it died in (from `x-death`).
     let report = broker.replay(&dlq2, &|_| true, 10).await.unwrap();
     assert_eq!((report.replayed, report.skipped), (1, 0));
@@ -1123,4 +1146,320 @@ async fn malformed_inputs_are_dead_lettered_with_reason_decode() {
     }
     broker.delete_queue(&q).await.unwrap();
     broker.delete_queue(&dlq).await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The header rule: every copy postbox writes is a valid CloudEvent.
+// ---------------------------------------------------------------------------
+
+/// The names RabbitMQ adds when it dead-letters or redelivers.
+fn is_broker_header(name: &str) -> bool {
+    name == "x-death"
+        || name == "x-delivery-count"
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+}
+
+/// A raw message postbox wrote is a valid CloudEvent carrying `env`: every
+/// header with a CloudEvents prefix (any case) is a strict attribute name,
+/// the SDK reads the event with exactly the strict-named headers as
+/// extensions, the other headers of `env` ride as plain long-string AMQP
+/// headers, and nothing RabbitMQ added on the way is carried along.
+fn assert_valid_copy(d: &lapin::message::Delivery, env: &Envelope, what: &str) {
+    let table = d.properties.headers().clone().unwrap_or_default();
+    for k in table.inner().keys() {
+        let k = k.as_str();
+        for prefix in ["cloudEvents:", "cloudEvents_", "ce-"] {
+            if let Some(head) = k.get(..prefix.len()) {
+                if head.eq_ignore_ascii_case(prefix) {
+                    let name = &k[prefix.len()..];
+                    assert!(
+                        strict_attribute_name(name),
+                        "{what}: header `{k}` is not a strict attribute name"
+                    );
+                }
+            }
+        }
+        assert!(!is_broker_header(k), "{what}: `{k}` carried along");
+    }
+    let mut attributes = env.clone();
+    attributes.headers.retain(|k, _| strict_attribute_name(k));
+    for (k, v) in &env.headers {
+        if !strict_attribute_name(k) {
+            assert_eq!(
+                table.inner().get(k.as_str()),
+                Some(&text(v)),
+                "{what}: `{k}` as a plain header"
+            );
+        }
+    }
+    assert_same(&oracle(d), &attributes, what);
+}
+
+/// An envelope with headers that are not attribute names, a foreign message
+/// with an `X-Trace` header and an undecodable message, each retried (a copy
+/// waiting in a delay tier; a copy back through a tier, with the `x-death`
+/// RabbitMQ adds) and dead-lettered: every copy, read raw, is a valid
+/// CloudEvent to the SDK with strict extension names only; transport
+/// headers survive each hop; replay of the undecodable dead letter restores
+/// the original message.
+async fn copies_are_valid_cloudevents(test: &str, mode: ContentMode) {
+    let delay = format!("pb-interop-hdr-delay-{mode:?}").to_lowercase();
+    let short_tier = format!("{delay}.200ms");
+    let long_tier = format!("{delay}.60000ms");
+    let config = RabbitConfig::new(common::amqp_url())
+        .content_mode(mode)
+        .delay_exchange(&delay)
+        .delay_tiers([Duration::from_millis(200), Duration::from_secs(60)]);
+    let Some(broker) = common::broker_with(test, config).await else {
+        return;
+    };
+    broker.declare_delay_tiers().await.unwrap();
+    broker.purge(&short_tier).await.unwrap();
+    broker.purge(&long_tier).await.unwrap();
+    let q = unique("pb-interop-headers");
+    let dlq = format!("{q}.dlq");
+    declare(&broker, &q).await;
+    let raw = Raw::open().await;
+
+    let envelope = Envelope::builder("com.example.order.placed")
+        .source("/shop/orders")
+        .subject("order-7")
+        .header("tenant", "acme")
+        .header("x-trace", "t-1")
+        .header("traceId", "abc")
+        .header("X-Request-Id", "r-9")
+        .payload(r#"{"id":7}"#)
+        .build();
+    let mut foreign_headers = FieldTable::default();
+    foreign_headers.insert("X-Trace".into(), text("f-trace"));
+    let foreign = BasicProperties::default()
+        .with_message_id("foreign-1".into())
+        .with_content_type("application/json".into())
+        .with_headers(foreign_headers);
+    let foreign_body: &[u8] = br#"{"legacy":true}"#;
+    let not_utf8 = vec![b'b', 0xff, 0xfe];
+    let mut undecodable_headers = ce_headers(
+        "bad-1",
+        &[
+            ("cloudEvents:specversion", text("0.3")),
+            ("cloudEvents:subject", text("s")),
+            (
+                "cloudEvents:bin",
+                AMQPValue::LongString(LongString::from(not_utf8)),
+            ),
+            ("x-custom", text("kept")),
+            ("X-Trace", text("u-trace")),
+        ],
+    );
+    undecodable_headers.insert("ce-id".into(), text("dash"));
+    let undecodable = BasicProperties::default()
+        .with_message_id("undecodable-1".into())
+        .with_content_type("application/x-thing".into())
+        .with_timestamp(1_600_000_000)
+        .with_delivery_mode(1)
+        .with_headers(undecodable_headers.clone());
+    let undecodable_body: &[u8] = b"\x00raw \xff body";
+
+    // What postbox publishes.
+    broker.publish(&q, envelope.clone()).await.unwrap();
+    let got = raw.get(&q).await;
+    assert_eq!(
+        got.properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .get("x-trace"),
+        Some(&text("t-1"))
+    );
+    assert_valid_copy(&got, &envelope, &format!("{mode:?} published"));
+
+    let publish_all = || async {
+        broker.publish(&q, envelope.clone()).await.unwrap();
+        raw.publish(&q, foreign_body, foreign.clone()).await;
+        raw.publish(&q, undecodable_body, undecodable.clone()).await;
+    };
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let retry = |delay: Duration| postbox_core::Retry {
+        delay,
+        next_attempt: 2,
+        first_failed_at: t0,
+        reason: "handler-error",
+    };
+    let metadata = |d: &postbox_rabbitmq::RabbitDelivery| postbox_core::DeadLetterMetadata {
+        reason: match postbox_core::Delivery::decode_error(d) {
+            Some(_) => postbox_core::FailureReason::Decode,
+            None => postbox_core::FailureReason::RetriesExhausted,
+        },
+        error: "it failed".into(),
+        error_type: "test".into(),
+        attempts: postbox_core::Delivery::attempt(d),
+        first_failed_at: t0,
+        last_failed_at: t0 + Duration::from_secs(1),
+        origin: postbox_core::Delivery::origin(d),
+        consumer: "headers".into(),
+    };
+    let router = DeadLetterRouter::new(broker.clone());
+    let mut source = source(&broker, &q).await;
+
+    // Retry copies waiting in the 60 s tier, read raw there.
+    publish_all().await;
+    let mut expected: BTreeMap<String, Envelope> = BTreeMap::new();
+    for _ in 0..3 {
+        let d = next(&mut source).await;
+        let env = postbox_core::Delivery::envelope(&d).clone();
+        expected.insert(
+            env.id.to_string(),
+            retry(Duration::ZERO).next_envelope(&env),
+        );
+        // The longest tier that fits the remaining delay: 60 s.
+        postbox_core::Delivery::retry(d, retry(Duration::from_secs(90)))
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        let copy = raw.get(&long_tier).await;
+        let id = copy.properties.message_id().as_ref().unwrap().to_string();
+        let headers = copy.properties.headers().as_ref().unwrap().inner();
+        assert!(headers.contains_key("postbox-due"), "{id}");
+        assert!(headers.contains_key("postbox-delay-tier"), "{id}");
+        if id == "foreign-1" {
+            assert!(
+                !headers.contains_key("X-Trace"),
+                "foreign headers are not carried"
+            );
+        }
+        assert_valid_copy(
+            &copy,
+            &expected[&id],
+            &format!("{mode:?} retry copy of {id}"),
+        );
+    }
+
+    // Dead-letter copies: the undecodable message right away (as the
+    // runtime does), the others after a retry through the 200 ms tier,
+    // which brings them back with RabbitMQ's `x-death`.
+    publish_all().await;
+    let mut expected: BTreeMap<String, Envelope> = BTreeMap::new();
+    for _ in 0..3 {
+        let d = next(&mut source).await;
+        if postbox_core::Delivery::decode_error(&d).is_some() {
+            let mut copy = postbox_core::Delivery::envelope(&d).clone();
+            let m = metadata(&d);
+            m.apply(&mut copy);
+            expected.insert(copy.id.to_string(), copy);
+            router.dead_letter(d, &m).await.unwrap();
+        } else {
+            postbox_core::Delivery::retry(d, retry(Duration::from_millis(200)))
+                .await
+                .unwrap();
+        }
+    }
+    for _ in 0..2 {
+        let d = next(&mut source).await;
+        let env = postbox_core::Delivery::envelope(&d).clone();
+        assert_eq!(env.attempt, 2, "{}", env.id);
+        assert!(
+            !env.headers
+                .keys()
+                .any(|k| is_broker_header(k) || k.starts_with("postbox-")),
+            "{}: {:?}",
+            env.id,
+            env.headers
+        );
+        if env.id == envelope.id {
+            // Transport headers survive the retry.
+            assert_eq!(env.headers["x-trace"], "t-1");
+            assert_eq!(env.headers["traceId"], "abc");
+            assert_eq!(env.headers["X-Request-Id"], "r-9");
+        } else {
+            assert!(
+                env.headers.keys().all(|k| k.starts_with("retry")),
+                "{:?}",
+                env.headers
+            );
+        }
+        let mut copy = env.clone();
+        let m = metadata(&d);
+        m.apply(&mut copy);
+        expected.insert(copy.id.to_string(), copy);
+        router.dead_letter(d, &m).await.unwrap();
+    }
+    source.close().await.unwrap();
+    wait_count(&broker, &dlq, 3).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let dead = raw.get_unacked(&dlq).await;
+        let id = dead.properties.message_id().as_ref().unwrap().to_string();
+        if id == "foreign-1" {
+            // In structured mode it has no headers at all.
+            let headers = dead.properties.headers().clone().unwrap_or_default();
+            assert!(
+                !headers.contains_key("X-Trace"),
+                "foreign headers are not carried"
+            );
+        }
+        assert_valid_copy(
+            &dead,
+            &expected[&id],
+            &format!("{mode:?} dead-letter copy of {id}"),
+        );
+        held.push(dead);
+    }
+    assert_eq!(
+        expected["undecodable-1"].headers["amqp:header:cloudEvents:specversion"],
+        "0.3"
+    );
+    for dead in held {
+        dead.acker
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    // Replay of the undecodable dead letter restores the original message.
+    wait_count(&broker, &dlq, 3).await;
+    let report = broker
+        .replay(&dlq, &|env| env.event_type == UNDECODABLE_TYPE, 10)
+        .await
+        .unwrap();
+    assert_eq!((report.replayed, report.skipped), (1, 2));
+    let back = raw.get(&q).await;
+    assert_eq!(&back.data[..], undecodable_body);
+    let p = &back.properties;
+    assert_eq!(p.message_id().as_ref().unwrap().as_str(), "undecodable-1");
+    assert_eq!(
+        p.content_type().as_ref().unwrap().as_str(),
+        "application/x-thing"
+    );
+    assert_eq!(p.timestamp(), &Some(1_600_000_000));
+    assert_eq!(p.delivery_mode(), &Some(1));
+    assert_eq!(p.headers().as_ref().unwrap(), &undecodable_headers);
+
+    for name in [&q, &dlq, &short_tier, &long_tier] {
+        broker.delete_queue(name).await.unwrap();
+    }
+    broker.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_mode_copies_are_valid_cloudevents() {
+    copies_are_valid_cloudevents(
+        "binary_mode_copies_are_valid_cloudevents",
+        ContentMode::Binary,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_mode_copies_are_valid_cloudevents() {
+    copies_are_valid_cloudevents(
+        "structured_mode_copies_are_valid_cloudevents",
+        ContentMode::Structured,
+    )
+    .await;
 }

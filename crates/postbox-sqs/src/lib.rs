@@ -42,16 +42,27 @@
 //! `orders-dlq.fifo`.
 //!
 //! Wire format: the body is the CloudEvents JSON document; the message
-//! attributes are [`ATTR_TYPE`] plus the user headers, at most
+//! attributes are [`ATTR_TYPE`] and the user headers, at most
 //! [`MAX_ATTRIBUTES`] in total (postbox's `dlq…`/`retry…` metadata travels
-//! in the body). A body without CloudEvents markers is a *foreign* message
-//! for the handler; one that claims to be a CloudEvent but breaks the
+//! in the body). Under core's header rule
+//! ([`is_attribute_name`](postbox_core::codec::is_attribute_name)), a header
+//! whose name is a valid CloudEvents attribute name is an extension in the
+//! document (and an attribute copy for filter policies); any other
+//! (`x-trace`, `traceId`) is transport metadata: a message attribute only,
+//! and an [`ErrorKind::Encode`](postbox_core::ErrorKind::Encode) error
+//! before sending when SQS/SNS cannot take its name as an attribute name.
+//! On receipt the message attributes that the document does not hold become
+//! headers again (read from the notification's `MessageAttributes` when SNS
+//! wraps the message). A body without CloudEvents markers is a *foreign*
+//! message for the handler (its attributes as headers, see
+//! [`attribute_header`]); one that claims to be a CloudEvent but breaks the
 //! format is *undecodable*: the delivery carries
 //! [`Delivery::decode_error`](postbox_core::Delivery::decode_error) and an
 //! envelope of what arrived ([`UNDECODABLE_TYPE`]: the body as payload, the
-//! attributes as headers, see [`attribute_header`]), and the runtime
+//! attributes exactly in [`ATTRIBUTES_HEADER`]), and the runtime
 //! dead-letters it with reason `decode`; replaying its copy puts the body
-//! back as it arrived. The crate README has the full mapping.
+//! and the attributes back as they arrived. The crate README has the full
+//! mapping.
 //!
 //! ```no_run
 //! use postbox_core::{handler_fn, Broker, Consumer, DeadLetterRouter, Envelope, Publisher, SubscribeOptions};
@@ -90,8 +101,8 @@ mod retry;
 mod topology;
 
 pub use codec::{
-    attribute_header, ATTRIBUTE_ESCAPE, ATTR_TYPE, MAX_ATTRIBUTES, SNS_MAX_BYTES, SQS_MAX_BYTES,
-    UNDECODABLE_TEXT,
+    attribute_header, ATTRIBUTES_HEADER, ATTRIBUTE_ESCAPE, ATTR_TYPE, MAX_ATTRIBUTES,
+    SNS_MAX_BYTES, SQS_MAX_BYTES, UNDECODABLE_TEXT,
 };
 // Core's definition, re-exported next to the SQS-specific constants.
 pub use config::{queue_name, FifoDeduplication, SqsConfig};

@@ -6,12 +6,14 @@
 //!   (`ChangeMessageVisibility 0`), so nothing is consumed. Every message is
 //!   shown: one that is not a valid CloudEvent appears raw (type
 //!   [`UNDECODABLE_TYPE`](crate::UNDECODABLE_TYPE), body as payload,
-//!   attributes as headers), so `count`, `peek`, `replay` and `purge` agree;
+//!   attributes in [`ATTRIBUTES_HEADER`](crate::ATTRIBUTES_HEADER), those
+//!   named like postbox's metadata as metadata headers), so `count`, `peek`,
+//!   `replay` and `purge` agree;
 //! * replay: receive, publish matching messages back to their origin queue
 //!   (ids kept, [`prepare_replay`]), then delete them from the DLQ; the rest
 //!   is made visible again. An undecodable message's copy goes back as the
-//!   body that arrived; a dead letter without `dlqorigin` (moved there by
-//!   the redrive policy) is skipped;
+//!   body and attributes that arrived; a dead letter without `dlqorigin`
+//!   (moved there by the redrive policy) is skipped;
 //! * purge: receive and delete until the queue is empty (an exact count;
 //!   [`SqsBroker::purge_queue`] is the native `PurgeQueue`).
 
@@ -167,7 +169,8 @@ impl SqsBroker {
     /// A dead letter as an envelope: decoded, foreign, or — when it claims
     /// to be a CloudEvent but breaks the format — what arrived (type
     /// [`UNDECODABLE_TYPE`](crate::UNDECODABLE_TYPE), the body as payload,
-    /// the attributes as headers), so every message in the queue is seen.
+    /// the attributes in [`ATTRIBUTES_HEADER`](crate::ATTRIBUTES_HEADER)),
+    /// so every message in the queue is seen.
     fn decode_message(&self, queue: &str, m: &Message) -> Envelope {
         let foreign = postbox_core::envelope::Text::Borrowed(
             postbox_core::codec::foreign::DEFAULT_FOREIGN_TYPE,
@@ -273,8 +276,9 @@ impl DeadLetterOps for SqsBroker {
                     keep.push(receipt);
                     continue;
                 };
-                // An undecodable message goes back as it arrived, not
-                // wrapped in a CloudEvent (which would hide the breakage).
+                // An undecodable message goes back as it arrived (body and
+                // attributes), not wrapped in a CloudEvent (which would hide
+                // the breakage).
                 let sent = if codec::is_undecodable(&replay) {
                     self.send_raw(&origin, &replay).await
                 } else {

@@ -13,7 +13,7 @@ use postbox_core::telemetry::PublisherMetrics;
 use postbox_core::{BatchReport, Envelope, Error, ErrorKind, Limit, PublishError, Publisher};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{self, Encoded};
+use crate::codec::{self, Attribute, AttributeValue, Encoded};
 use crate::config::{is_url, Destination, FifoDeduplication, Settings, SqsConfig};
 use crate::error::{from_sdk, BatchEntryError};
 
@@ -533,38 +533,42 @@ pub(crate) fn ceil_secs(d: Duration) -> i32 {
     i32::try_from(secs).unwrap_or(i32::MAX)
 }
 
-fn sqs_attributes(
-    attrs: Vec<(String, String)>,
-) -> Result<HashMap<String, MessageAttributeValue>, Error> {
+fn sqs_attributes(attrs: Vec<Attribute>) -> Result<HashMap<String, MessageAttributeValue>, Error> {
     attrs
         .into_iter()
-        .map(|(k, v)| {
-            let value = MessageAttributeValue::builder()
-                .data_type("String")
-                .string_value(v)
-                .build()
-                .map_err(|e| {
-                    Error::new(ErrorKind::Encode, "bad message attribute").with_source(e)
-                })?;
-            Ok((k, value))
+        .map(|a| {
+            let value = MessageAttributeValue::builder().data_type(a.data_type);
+            let value = match a.value {
+                AttributeValue::Text(s) => value.string_value(s),
+                AttributeValue::Binary(b) => {
+                    value.binary_value(aws_sdk_sqs::primitives::Blob::new(b))
+                }
+            };
+            let value = value.build().map_err(|e| {
+                Error::new(ErrorKind::Encode, "bad message attribute").with_source(e)
+            })?;
+            Ok((a.name, value))
         })
         .collect()
 }
 
 fn sns_attributes(
-    attrs: Vec<(String, String)>,
+    attrs: Vec<Attribute>,
 ) -> Result<HashMap<String, aws_sdk_sns::types::MessageAttributeValue>, Error> {
     attrs
         .into_iter()
-        .map(|(k, v)| {
-            let value = aws_sdk_sns::types::MessageAttributeValue::builder()
-                .data_type("String")
-                .string_value(v)
-                .build()
-                .map_err(|e| {
-                    Error::new(ErrorKind::Encode, "bad message attribute").with_source(e)
-                })?;
-            Ok((k, value))
+        .map(|a| {
+            let value = aws_sdk_sns::types::MessageAttributeValue::builder().data_type(a.data_type);
+            let value = match a.value {
+                AttributeValue::Text(s) => value.string_value(s),
+                AttributeValue::Binary(b) => {
+                    value.binary_value(aws_sdk_sns::primitives::Blob::new(b))
+                }
+            };
+            let value = value.build().map_err(|e| {
+                Error::new(ErrorKind::Encode, "bad message attribute").with_source(e)
+            })?;
+            Ok((a.name, value))
         })
         .collect()
 }

@@ -3,11 +3,15 @@
 //!
 //! * what postbox publishes — to a queue, through SNS with raw delivery and
 //!   with the SNS JSON wrapper, after a retry, as a retry-metadata carrier and
-//!   as a dead-letter copy — read raw with the AWS client and parsed by the SDK;
+//!   as a dead-letter copy (of events, of foreign messages, of undecodable
+//!   ones) — read raw with the AWS client and parsed by the SDK, with strict
+//!   attribute names only: headers that are not attribute names (`x-trace`,
+//!   `traceId`) travel as message attributes and come back to a postbox
+//!   consumer as headers;
 //! * what the SDK writes, sent raw, consumed by postbox with every attribute;
 //! * malformed events sent raw (directly and through SNS) end in the DLQ with
 //!   reason `decode` and their bytes, without starving good messages, and
-//!   replay puts the bytes back.
+//!   replay puts the bytes and the attributes back exactly.
 
 #[macro_use]
 mod common;
@@ -18,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cloudevents::{AttributesReader, Data, Event, EventBuilder, EventBuilderV03, EventBuilderV10};
+use postbox_core::codec::is_attribute_name;
 use postbox_core::dlq::{DeadLetterMetadata, NAMES};
 use postbox_core::{
     handler_fn, BoxSource, Broker, Consumer, DeadLetterOps, DeadLetterRouter, Delivery, Envelope,
@@ -25,7 +30,7 @@ use postbox_core::{
     SubscribeOptions,
 };
 use postbox_sqs::aws_sdk_sqs::types::{Message, MessageAttributeValue};
-use postbox_sqs::{QueueSpec, SqsBroker, SubscriptionSpec, UNDECODABLE_TYPE};
+use postbox_sqs::{QueueSpec, SqsBroker, SubscriptionSpec, ATTRIBUTES_HEADER, UNDECODABLE_TYPE};
 use postbox_testkit::env::unique;
 use postbox_testkit::interop::{expected_extensions, strict_attribute_name};
 
@@ -121,6 +126,27 @@ fn extensions(event: &Event) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Every extension of `event` has a strict CloudEvents attribute name
+/// (lower-case letters and digits, at most 20).
+fn assert_strict(event: &Event) {
+    for name in extensions(event).keys() {
+        assert!(
+            strict_attribute_name(name),
+            "extension {name:?} of {}",
+            event.id()
+        );
+    }
+}
+
+/// The extensions `env` travels with in the document: transport headers
+/// (names that are not attribute names) are message attributes instead.
+fn document_extensions(env: &Envelope) -> BTreeMap<String, String> {
+    expected_extensions(env)
+        .into_iter()
+        .filter(|(k, _)| is_attribute_name(k))
+        .collect()
+}
+
 fn unix(t: SystemTime) -> (i64, u32) {
     let d = t.duration_since(UNIX_EPOCH).unwrap();
     (d.as_secs() as i64, d.subsec_nanos())
@@ -142,7 +168,8 @@ fn assert_same(event: &Event, env: &Envelope) {
     );
     assert_eq!(event.subject(), env.subject.as_deref());
     assert_eq!(event.datacontenttype(), Some(&*env.content_type));
-    assert_eq!(extensions(event), expected_extensions(env), "{}", env.id);
+    assert_eq!(extensions(event), document_extensions(env), "{}", env.id);
+    assert_strict(event);
     assert_data(event.data(), env);
 }
 
@@ -173,9 +200,14 @@ fn full(event_type: &str) -> Envelope {
         )
         .header("tenant", "acme")
         .header("region", "eu")
+        .header("x-trace", "abc-123")
+        .header("traceId", "t-9")
         .payload(r#"{"order":7,"items":[1,2]}"#)
         .build()
 }
+
+/// The transport headers of [`full`].
+const TRANSPORT: [&str; 2] = ["x-trace", "traceId"];
 
 fn binary(event_type: &str) -> Envelope {
     Envelope::builder(event_type.to_string())
@@ -192,7 +224,8 @@ fn text(event_type: &str) -> Envelope {
         .build()
 }
 
-/// The attributes postbox sends with `env`: `type` plus its user headers.
+/// The attributes postbox sends with `env`: `type` plus its user headers
+/// (the transport headers among them).
 fn expected_attributes(env: &Envelope) -> BTreeMap<String, String> {
     let mut out: BTreeMap<String, String> = env
         .headers
@@ -202,6 +235,31 @@ fn expected_attributes(env: &Envelope) -> BTreeMap<String, String> {
         .collect();
     out.insert("type".into(), env.event_type.to_string());
     out
+}
+
+/// Consumes `n` messages of `queue` with a postbox source (acked), by id.
+async fn consume(broker: &SqsBroker, queue: &str, n: usize) -> BTreeMap<String, Envelope> {
+    let mut source = broker.subscribe(queue, existing()).await.unwrap();
+    let mut got = BTreeMap::new();
+    while got.len() < n {
+        let d = tokio::time::timeout(WAIT, source.next())
+            .await
+            .unwrap_or_else(|_| panic!("{queue}: {} of {n} messages", got.len()))
+            .unwrap()
+            .unwrap();
+        assert!(d.decode_error().is_none(), "{:?}", d.decode_error());
+        got.insert(d.envelope().id.to_string(), d.envelope().clone());
+        d.ack().await.unwrap();
+    }
+    source.close().await.unwrap();
+    got
+}
+
+/// `got` is `sent` but for the attempt (the broker's receive count).
+fn assert_received(got: &Envelope, sent: &Envelope) {
+    let mut got = got.clone();
+    got.attempt = sent.attempt;
+    assert_eq!(&got, sent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,6 +279,14 @@ async fn postbox_events_are_read_by_the_sdk_from_a_queue() {
         let env = &sent[event.id()];
         assert_same(&event, env);
         assert_eq!(attributes(&m), expected_attributes(env));
+    }
+    // A postbox consumer gets every header back, transport ones included.
+    let got = consume(&broker, &q, sent.len()).await;
+    for (id, env) in &sent {
+        assert_received(&got[id], env);
+    }
+    for name in TRANSPORT {
+        assert!(got.values().any(|e| e.headers.contains_key(name)), "{name}");
     }
 }
 
@@ -262,9 +328,19 @@ async fn postbox_events_are_read_by_the_sdk_through_sns_raw_and_wrapped() {
         let env = &sent[event.id()];
         assert_same(&event, env);
         let attrs = wrapper["MessageAttributes"].as_object().unwrap();
-        let names: BTreeSet<&str> = attrs.keys().map(String::as_str).collect();
-        let expected = expected_attributes(env);
-        assert_eq!(names, expected.keys().map(String::as_str).collect());
+        let got: BTreeMap<String, String> = attrs
+            .iter()
+            .map(|(k, v)| (k.clone(), v["Value"].as_str().unwrap().to_string()))
+            .collect();
+        assert_eq!(got, expected_attributes(env));
+    }
+    // Both ways a postbox consumer gets every header back: raw from the
+    // message attributes, wrapped from the notification's.
+    for q in [&raw, &wrapped] {
+        let got = consume(&broker, q, sent.len()).await;
+        for (id, env) in &sent {
+            assert_received(&got[id], env);
+        }
     }
 }
 
@@ -294,6 +370,9 @@ async fn retry_and_dead_letter_copies_are_valid_cloudevents() {
     source.close().await.unwrap();
     let back = receive_raw(&broker, &q, 1).await;
     assert_same(&sdk(body(&back[0])), &env);
+    assert_eq!(attributes(&back[0]), expected_attributes(&env));
+    let got = consume(&broker, &q, 1).await;
+    assert_received(&got[env.id.as_str()], &env);
 
     // An envelope carrying retry metadata (what `Retry::next_envelope`
     // makes): the metadata are strict extensions in the body, not attributes.
@@ -317,10 +396,11 @@ async fn retry_and_dead_letter_copies_are_valid_cloudevents() {
     assert_eq!(attributes(m), expected_attributes(&copy));
 
     // A dead-letter copy of a message already at the attribute budget (9
-    // user headers + `type`): the metadata travel in the body.
+    // user headers, 2 of them transport headers, + `type`): the metadata
+    // travel in the body.
     let q = plain_queue(&broker, "interop-dead").await;
     let mut env = full("order.placed");
-    for i in 0..7 {
+    for i in 0..5 {
         env.headers.insert(format!("h{i}"), format!("v{i}"));
     }
     assert_eq!(expected_attributes(&env).len(), 10);
@@ -370,6 +450,279 @@ async fn retry_and_dead_letter_copies_are_valid_cloudevents() {
     let mut expected = env.clone();
     expected.attempt = 1;
     assert_same(&without, &expected);
+
+    // A postbox reader of the DLQ sees every header, and replay sends the
+    // message back with them.
+    let peeked = broker.peek(&dlq(&q), 10).await.unwrap();
+    assert_eq!(peeked.len(), 1);
+    let mut shown = peeked[0].clone();
+    assert!(DeadLetterMetadata::read(&shown).is_some());
+    shown
+        .headers
+        .retain(|k, _| !postbox_core::dlq::is_metadata(k));
+    assert_received(&shown, &env);
+    assert_eq!(
+        broker
+            .replay(&dlq(&q), &|_| true, 10)
+            .await
+            .unwrap()
+            .replayed,
+        1
+    );
+    let got = consume(&broker, &q, 1).await;
+    assert_received(&got[env.id.as_str()], &env);
+}
+
+/// A topic with a raw and a wrapped subscription, each queue with its
+/// `-dlq` and no redrive policy: `(topic, its arn, raw queue, wrapped queue)`.
+async fn topic_with_raw_and_wrapped(
+    broker: &SqsBroker,
+    prefix: &str,
+) -> (String, String, String, String) {
+    let topic = unique(prefix);
+    let (raw, wrapped) = (format!("{topic}-raw"), format!("{topic}-wrapped"));
+    let arn = broker.declare_topic(&topic).await.unwrap();
+    for (q, is_raw) in [(&raw, true), (&wrapped, false)] {
+        for name in [q.clone(), format!("{q}-dlq")] {
+            broker
+                .declare_queue(&QueueSpec::new(name).without_dead_letter_queue())
+                .await
+                .unwrap();
+        }
+        broker
+            .declare_subscription(&SubscriptionSpec::new(&topic, q.as_str()).raw(is_raw))
+            .await
+            .unwrap();
+    }
+    (topic, arn, raw, wrapped)
+}
+
+/// A dead-letter copy in `queue`'s DLQ, read raw: a valid CloudEvent with
+/// strict names only, within the attribute budget, whose attributes hold
+/// `transport` (name → value); returns the SDK's reading.
+async fn check_dead_letter_copy(
+    broker: &SqsBroker,
+    queue: &str,
+    transport: &BTreeMap<String, String>,
+) -> Event {
+    let m = &receive_raw(broker, &dlq(queue), 1).await[0];
+    let event = sdk(body(m));
+    assert_strict(&event);
+    assert_eq!(event.extension("dlqorigin").unwrap().to_string(), queue);
+    let attrs = attributes(m);
+    assert!(attrs.len() <= postbox_sqs::MAX_ATTRIBUTES, "{attrs:?}");
+    for (name, value) in transport {
+        assert_eq!(attrs.get(name), Some(value), "{name} of {attrs:?}");
+        assert!(
+            event.extension(name).is_none(),
+            "{name} is not in the document"
+        );
+    }
+    event
+}
+
+/// Dead-letter copies of events consumed through SNS, raw and wrapped, keep
+/// their transport headers as attributes; peek shows them, replay sends
+/// them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_copies_through_sns_keep_transport_headers() {
+    let broker = broker_or_skip!("dead_letter_copies_through_sns_keep_transport_headers");
+    let (topic, _, raw, wrapped) = topic_with_raw_and_wrapped(&broker, "interop-snsdead").await;
+    let env = full("order.placed");
+    broker
+        .publish(&format!("sns:{topic}"), env.clone())
+        .await
+        .unwrap();
+    let transport: BTreeMap<String, String> = TRANSPORT
+        .iter()
+        .map(|k| (k.to_string(), env.headers[*k].clone()))
+        .collect();
+    for q in [&raw, &wrapped] {
+        let source = broker.subscribe(q, existing()).await.unwrap();
+        let running = consumer(&broker, source, |env| {
+            // The handler sees the transport headers (or refuses otherwise).
+            if env.headers.get("x-trace").map(String::as_str) == Some("abc-123")
+                && env.headers.get("traceId").map(String::as_str) == Some("t-9")
+            {
+                Err(HandlerError::permanent("refused by the handler"))
+            } else {
+                Err(HandlerError::permanent("transport headers missing"))
+            }
+        });
+        wait_count(&broker, &dlq(q), 1).await;
+        assert_eq!(running.shutdown().await.unwrap().dead_lettered, 1);
+        let event = check_dead_letter_copy(&broker, q, &transport).await;
+        let error = event.extension("dlqerror").unwrap().to_string();
+        assert!(error.contains("refused by the handler"), "{q}: {error}");
+        let mut without = event.clone();
+        for name in NAMES {
+            without.remove_extension(name);
+        }
+        let mut expected = env.clone();
+        expected.attempt = 1;
+        assert_same(&without, &expected);
+        let peeked = broker.peek(&dlq(q), 10).await.unwrap();
+        assert_eq!(peeked.len(), 1);
+        let mut shown = peeked[0].clone();
+        shown
+            .headers
+            .retain(|k, _| !postbox_core::dlq::is_metadata(k));
+        assert_received(&shown, &env);
+        assert_eq!(
+            broker
+                .replay(&dlq(q), &|_| true, 10)
+                .await
+                .unwrap()
+                .replayed,
+            1
+        );
+        let got = consume(&broker, q, 1).await;
+        assert_received(&got[env.id.as_str()], &env);
+    }
+}
+
+/// The attributes of a foreign message: `type` and `id` (named like
+/// envelope fields), transport names, a number and bytes.
+fn foreign_attributes() -> Vec<(&'static str, MessageAttributeValue)> {
+    let text = |v: &str| {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .unwrap()
+    };
+    vec![
+        ("type", text("legacy.order")),
+        ("id", text("legacy-7")),
+        ("tenant", text("acme")),
+        ("Tenant-Id", text("7")),
+        ("x-trace", text("abc")),
+        ("traceId", text("t-9")),
+        ("sqs.type", text("escaped")),
+        (
+            "count",
+            MessageAttributeValue::builder()
+                .data_type("Number")
+                .string_value("42")
+                .build()
+                .unwrap(),
+        ),
+        (
+            "blob",
+            MessageAttributeValue::builder()
+                .data_type("Binary")
+                .binary_value(postbox_sqs::aws_sdk_sqs::primitives::Blob::new(vec![
+                    0u8, 255,
+                ]))
+                .build()
+                .unwrap(),
+        ),
+        ("region", text("eu")),
+    ]
+}
+
+/// The headers a foreign message with [`foreign_attributes`] gets.
+fn foreign_headers() -> BTreeMap<String, String> {
+    [
+        ("sqs.type", "legacy.order"),
+        ("sqs.id", "legacy-7"),
+        ("tenant", "acme"),
+        ("Tenant-Id", "7"),
+        ("x-trace", "abc"),
+        ("traceId", "t-9"),
+        ("sqs.sqs.type", "escaped"),
+        ("count", "42"),
+        ("blob", "AP8="),
+        ("region", "eu"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// A foreign message with 10 attributes (the most SQS takes) reaches the
+/// handler with them as headers; its dead-letter copy is a valid CloudEvent
+/// within the budget that a postbox reader sees with the same headers. On a
+/// queue, and through SNS raw and wrapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_messages_keep_their_attributes_into_the_dead_letter_copy() {
+    let broker =
+        broker_or_skip!("foreign_messages_keep_their_attributes_into_the_dead_letter_copy");
+    let q = plain_queue(&broker, "interop-foreign").await;
+    let url = broker.queue_url(&q).await.unwrap();
+    let mut send = broker
+        .sqs()
+        .send_message()
+        .queue_url(&url)
+        .message_body("plain text, not an event");
+    for (k, v) in foreign_attributes() {
+        send = send.message_attributes(k, v);
+    }
+    send.send().await.unwrap();
+    let (_, arn, raw, wrapped) = topic_with_raw_and_wrapped(&broker, "interop-foreignsns").await;
+    let mut publish = broker
+        .sns()
+        .publish()
+        .topic_arn(&arn)
+        .message("plain text, not an event");
+    for (k, v) in foreign_attributes() {
+        let mut b = postbox_sqs::aws_sdk_sns::types::MessageAttributeValue::builder()
+            .data_type(v.data_type.clone())
+            .set_string_value(v.string_value.clone());
+        if let Some(blob) = &v.binary_value {
+            b = b.binary_value(postbox_sqs::aws_sdk_sns::primitives::Blob::new(
+                blob.as_ref().to_vec(),
+            ));
+        }
+        publish = publish.message_attributes(k, b.build().unwrap());
+    }
+    publish.send().await.unwrap();
+
+    let expected = foreign_headers();
+    let transport: BTreeMap<String, String> = expected
+        .iter()
+        .filter(|(k, _)| !is_attribute_name(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(transport.len(), 6);
+    for queue in [&q, &raw, &wrapped] {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let source = broker.subscribe(queue, existing()).await.unwrap();
+        let running = Consumer::builder(
+            source,
+            handler_fn(move |env: Envelope| {
+                let record = record.clone();
+                async move {
+                    record.lock().unwrap().push(env);
+                    Err::<(), _>(HandlerError::permanent("not for us"))
+                }
+            }),
+        )
+        .dead_letter(DeadLetterRouter::new(broker.clone()))
+        .build()
+        .unwrap()
+        .spawn();
+        wait_count(&broker, &dlq(queue), 1).await;
+        assert_eq!(running.shutdown().await.unwrap().dead_lettered, 1);
+        let handled = seen.lock().unwrap()[0].clone();
+        assert_eq!(handled.event_type, "postbox.foreign");
+        assert_eq!(handled.headers, expected, "{queue}: the handler's headers");
+
+        let event = check_dead_letter_copy(&broker, queue, &transport).await;
+        assert_eq!(event.ty(), "postbox.foreign");
+        let peeked = broker.peek(&dlq(queue), 10).await.unwrap();
+        assert_eq!(peeked.len(), 1);
+        let mut shown = peeked[0].clone();
+        assert_eq!(
+            DeadLetterMetadata::read(&shown).unwrap().origin.destination,
+            **queue
+        );
+        shown
+            .headers
+            .retain(|k, _| !postbox_core::dlq::is_metadata(k));
+        assert_received(&shown, &handled);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -655,13 +1008,6 @@ async fn malformed_events_are_dead_lettered_with_their_bytes_and_replayed_as_the
         .send()
         .await;
     assert!(empty.is_err(), "SQS took an empty body");
-    let attr = |v: &str| {
-        MessageAttributeValue::builder()
-            .data_type("String")
-            .string_value(v)
-            .build()
-            .unwrap()
-    };
     for (i, Case { body, .. }) in cases.iter().enumerate() {
         let mut send = broker
             .sqs()
@@ -669,10 +1015,11 @@ async fn malformed_events_are_dead_lettered_with_their_bytes_and_replayed_as_the
             .queue_url(&url)
             .message_body(body);
         if i == 0 {
-            // Attributes, one named like a CloudEvents attribute.
-            send = send
-                .message_attributes("tenant", attr("acme"))
-                .message_attributes("type", attr("com.example.old"));
+            // Ten attributes (the most SQS takes), named like CloudEvents
+            // attributes and not like any, a number and bytes.
+            for (k, v) in foreign_attributes() {
+                send = send.message_attributes(k, v);
+            }
         }
         send.send().await.unwrap();
     }
@@ -693,21 +1040,32 @@ async fn malformed_events_are_dead_lettered_with_their_bytes_and_replayed_as_the
     );
     assert_eq!(broker.count(&q).await.unwrap(), 0, "nothing left behind");
     let dead = check_decode_dead_letters(&broker, &q, &cases).await;
+    // The attributes, exactly, in one header.
     let with_attrs = &dead[bodies[0].as_bytes()];
-    assert_eq!(with_attrs.headers["tenant"], "acme");
-    assert_eq!(with_attrs.headers["sqs.type"], "com.example.old");
+    let carried: serde_json::Value =
+        serde_json::from_str(&with_attrs.headers[ATTRIBUTES_HEADER]).unwrap();
+    assert_eq!(
+        carried,
+        serde_json::json!({
+            "type": "legacy.order",
+            "id": "legacy-7",
+            "tenant": "acme",
+            "Tenant-Id": "7",
+            "x-trace": "abc",
+            "traceId": "t-9",
+            "sqs.type": "escaped",
+            "count": {"DataType": "Number", "StringValue": "42"},
+            "blob": {"DataType": "Binary", "BinaryValue": "AP8="},
+            "region": "eu",
+        })
+    );
 
-    // The copies themselves are valid CloudEvents whose metadata names pass
-    // the strict check, with `type` as their only attribute.
+    // The copies themselves are valid CloudEvents with strict names only,
+    // with `type` as their only attribute.
     for m in receive_raw(&broker, &dlq(&q), bodies.len()).await {
         let event = sdk(body(&m));
         assert_eq!(event.ty(), UNDECODABLE_TYPE);
-        for name in extensions(&event).keys() {
-            assert!(
-                strict_attribute_name(name) || name == "tenant" || name == "sqs.type",
-                "{name}"
-            );
-        }
+        assert_strict(&event);
         assert_eq!(
             attributes(&m).into_keys().collect::<Vec<_>>(),
             vec!["type".to_string()]
@@ -722,13 +1080,20 @@ async fn malformed_events_are_dead_lettered_with_their_bytes_and_replayed_as_the
     let got: BTreeSet<&str> = back.iter().map(body).collect();
     assert_eq!(got, bodies.iter().map(String::as_str).collect());
     let m = back.iter().find(|m| body(m) == bodies[0]).unwrap();
+    let sent: BTreeMap<String, MessageAttributeValue> = foreign_attributes()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     assert_eq!(
-        attributes(m),
-        BTreeMap::from([
-            ("tenant".to_string(), "acme".to_string()),
-            ("type".to_string(), "com.example.old".to_string()),
-        ])
+        m.message_attributes.clone().unwrap_or_default(),
+        sent.into_iter().collect(),
+        "names, data types and values as they arrived"
     );
+    for m in &back {
+        if body(m) != bodies[0] {
+            assert_eq!(attributes(m), BTreeMap::new(), "none arrived, none back");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -751,6 +1116,13 @@ async fn malformed_events_through_sns_are_dead_lettered_the_same_way() {
     }
     let cases = malformed();
     check_the_oracle_refuses(&cases);
+    let tenant = || {
+        postbox_sqs::aws_sdk_sns::types::MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value("acme")
+            .build()
+            .unwrap()
+    };
     // SNS refuses an empty message itself.
     let empty = broker
         .sns()
@@ -766,14 +1138,8 @@ async fn malformed_events_through_sns_are_dead_lettered_the_same_way() {
             .publish()
             .topic_arn(&arn)
             .message(body)
-            .message_attributes(
-                "tenant",
-                postbox_sqs::aws_sdk_sns::types::MessageAttributeValue::builder()
-                    .data_type("String")
-                    .string_value("acme")
-                    .build()
-                    .unwrap(),
-            )
+            .message_attributes("tenant", tenant())
+            .message_attributes("x-trace", tenant())
             .send()
             .await
             .unwrap();
@@ -800,10 +1166,24 @@ async fn malformed_events_through_sns_are_dead_lettered_the_same_way() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 0, "the handler never ran");
 
-    // Raw delivery: the body as published, the SNS attributes as headers.
+    // Raw delivery: the body as published, the SNS attributes carried.
     let dead = check_decode_dead_letters(&broker, &raw, &cases).await;
     for env in dead.values() {
-        assert_eq!(env.headers["tenant"], "acme");
+        assert_eq!(
+            env.headers[ATTRIBUTES_HEADER],
+            r#"{"tenant":"acme","x-trace":"acme"}"#
+        );
+    }
+    // The copies are valid CloudEvents with strict names only, either way.
+    for q in [&raw, &wrapped] {
+        for m in receive_raw(&broker, &dlq(q), bodies.len()).await {
+            let event = sdk(body(&m));
+            assert_strict(&event);
+            assert_eq!(
+                attributes(&m).into_keys().collect::<Vec<_>>(),
+                vec!["type".to_string()]
+            );
+        }
     }
     // The SNS wrapper: what arrived is the notification, holding the body.
     let peeked = broker.peek(&dlq(&wrapped), 100).await.unwrap();
@@ -818,6 +1198,11 @@ async fn malformed_events_through_sns_are_dead_lettered_the_same_way() {
         let wrapper: serde_json::Value = serde_json::from_slice(&env.payload).unwrap();
         assert_eq!(wrapper["Type"], "Notification");
         assert_eq!(wrapper["MessageAttributes"]["tenant"]["Value"], "acme");
+        assert_eq!(wrapper["MessageAttributes"]["x-trace"]["Value"], "acme");
+        assert!(env
+            .headers
+            .keys()
+            .all(|k| postbox_core::dlq::is_metadata(k)));
         let message = wrapper["Message"].as_str().unwrap();
         let case = cases.iter().find(|c| c.body == message).unwrap();
         assert!(

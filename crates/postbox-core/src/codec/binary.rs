@@ -10,7 +10,8 @@ use std::borrow::Cow;
 use bytes::Bytes;
 
 use super::{
-    attr, check_encodable, decode_error, format_time, parse_attempt, parse_time, SPEC_VERSION,
+    attr, check_encodable, decode_error, format_time, is_attribute_name, parse_attempt, parse_time,
+    SPEC_VERSION,
 };
 use crate::envelope::{Envelope, MessageId};
 use crate::error::Error;
@@ -18,7 +19,9 @@ use crate::error::Error;
 /// One attribute: its CloudEvents name and its value as text.
 pub type Attribute = (Cow<'static, str>, String);
 
-/// The envelope's attributes, `specversion` first, user headers last.
+/// The envelope's attributes, `specversion` first, user headers last —
+/// those whose name is a valid attribute name; the others are transport
+/// metadata ([`transport_headers`](super::transport_headers)).
 ///
 /// ```
 /// use postbox_core::{codec::binary, Envelope};
@@ -46,7 +49,9 @@ pub fn encode(env: &Envelope) -> Result<Vec<Attribute>, Error> {
         }
     }
     push(attr::ATTEMPT, env.attempt.to_string());
-    for (k, v) in &env.headers {
+    // Headers that are not valid attribute names are transport metadata
+    // (`codec::transport_headers`): the adapter writes them unprefixed.
+    for (k, v) in env.headers.iter().filter(|(k, _)| is_attribute_name(k)) {
         out.push((Cow::Owned(k.clone()), v.clone()));
     }
     Ok(out)

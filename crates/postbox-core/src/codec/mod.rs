@@ -197,6 +197,51 @@ pub const RESERVED: &[&str] = &[
     attr::DATA_BASE64,
 ];
 
+/// Whether `name` is a valid CloudEvents attribute name: lower-case letters
+/// `a`–`z` and digits `0`–`9` only, at least one (the specification's MUST;
+/// its 20-character SHOULD is not enforced).
+///
+/// **The header rule**, decided here once for every broker: an envelope
+/// header whose name is a valid attribute name travels as a CloudEvents
+/// extension attribute; any other name (`x-trace`, `traceId`,
+/// `amqp:content-type`) is **transport metadata** and travels outside the
+/// attribute set — a plain Kafka header, a plain AMQP header, an SQS/SNS
+/// message attribute — and comes back as an envelope header. So every
+/// message postbox writes is a valid CloudEvent whatever its headers are
+/// named, and nothing is dropped. Each adapter refuses, with an `Encode`
+/// error, the few names its transport reserves (see its README).
+///
+/// ```
+/// use postbox_core::codec::is_attribute_name;
+/// assert!(is_attribute_name("tenant"));
+/// assert!(is_attribute_name("dlqreason"));
+/// assert!(!is_attribute_name("x-trace"));
+/// assert!(!is_attribute_name("traceId"));
+/// assert!(!is_attribute_name(""));
+/// ```
+pub fn is_attribute_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// The envelope headers that are transport metadata under the header rule
+/// of [`is_attribute_name`]: those whose name is not a valid attribute name,
+/// in name order.
+///
+/// ```
+/// use postbox_core::{codec::transport_headers, Envelope};
+/// let env = Envelope::builder("t").header("tenant", "acme").header("x-trace", "abc").build();
+/// assert_eq!(transport_headers(&env).collect::<Vec<_>>(), [("x-trace", "abc")]);
+/// ```
+pub fn transport_headers(env: &crate::Envelope) -> impl Iterator<Item = (&str, &str)> {
+    env.headers
+        .iter()
+        .filter(|(k, _)| !is_attribute_name(k))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+}
+
 /// Whether `name` is reserved for an envelope field.
 pub fn is_reserved(name: &str) -> bool {
     RESERVED.contains(&name)

@@ -9,8 +9,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::{
-    attr, check_encodable, decode_error, encode_error, format_time, is_json_content_type,
-    parse_attempt, parse_time, SPEC_VERSION,
+    attr, check_encodable, decode_error, encode_error, format_time, is_attribute_name,
+    is_json_content_type, parse_attempt, parse_time, SPEC_VERSION,
 };
 use crate::envelope::{Envelope, Headers, MessageId};
 use crate::error::Error;
@@ -41,11 +41,31 @@ struct Doc<'a> {
     tracestate: Option<&'a str>,
     attempt: u32,
     #[serde(flatten)]
-    headers: &'a Headers,
+    headers: Extensions<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<Data<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data_base64: Option<String>,
+}
+
+/// The user headers written as members: all of them, or only those that are
+/// valid attribute names.
+struct Extensions<'a> {
+    headers: &'a Headers,
+    all: bool,
+}
+
+impl Serialize for Extensions<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in self.headers {
+            if self.all || is_attribute_name(k) {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -68,7 +88,34 @@ enum Data<'a> {
 /// assert!(text.contains(r#""data":{"id":1}"#));
 /// assert_eq!(structured::decode(&bytes).unwrap(), env);
 /// ```
+///
+/// Headers whose names are not valid attribute names are left out: they are
+/// transport metadata ([`transport_headers`](super::transport_headers)),
+/// which the adapter carries beside the document. [`encode_lossless`] keeps
+/// them, for storage.
 pub fn encode(env: &Envelope) -> Result<Vec<u8>, Error> {
+    encode_doc(env, false)
+}
+
+/// [`encode`] with every header as a member, valid attribute name or not:
+/// for storing an envelope (the outbox), where the document is read back
+/// only by [`decode`] and must lose nothing. Not for the wire: a member whose
+/// name is not a valid attribute name makes the document an invalid
+/// CloudEvent.
+///
+/// ```
+/// use postbox_core::{codec::structured, Envelope};
+/// let env = Envelope::builder("t").header("x-trace", "abc").build();
+/// let stored = structured::encode_lossless(&env).unwrap();
+/// assert_eq!(structured::decode(&stored).unwrap(), env);
+/// let wire = structured::encode(&env).unwrap();
+/// assert!(!structured::decode(&wire).unwrap().headers.contains_key("x-trace"));
+/// ```
+pub fn encode_lossless(env: &Envelope) -> Result<Vec<u8>, Error> {
+    encode_doc(env, true)
+}
+
+fn encode_doc(env: &Envelope, all_headers: bool) -> Result<Vec<u8>, Error> {
     check_encodable(env)?;
     let mut data = None;
     let mut data_base64 = None;
@@ -109,7 +156,10 @@ pub fn encode(env: &Envelope) -> Result<Vec<u8>, Error> {
         traceparent: env.traceparent.as_deref(),
         tracestate: env.tracestate.as_deref(),
         attempt: env.attempt,
-        headers: &env.headers,
+        headers: Extensions {
+            headers: &env.headers,
+            all: all_headers,
+        },
         data,
         data_base64,
     };
@@ -130,12 +180,22 @@ pub fn looks_like_cloudevent(bytes: &[u8]) -> bool {
 }
 
 fn string_attr(name: &str, raw: &RawValue) -> Result<String, Error> {
-    serde_json::from_str::<String>(raw.get()).map_err(|_| {
-        decode_error(format!(
-            "attribute `{name}` must be a string, got {}",
-            truncate(raw.get())
-        ))
-    })
+    text_attr(name, raw).map(Cow::into_owned)
+}
+
+/// A string member, borrowed from the document when it has no escapes.
+fn text_attr<'a>(name: &str, raw: &'a RawValue) -> Result<Cow<'a, str>, Error> {
+    if let Ok(s) = serde_json::from_str::<&'a str>(raw.get()) {
+        return Ok(Cow::Borrowed(s));
+    }
+    serde_json::from_str::<String>(raw.get())
+        .map(Cow::Owned)
+        .map_err(|_| {
+            decode_error(format!(
+                "attribute `{name}` must be a string, got {}",
+                truncate(raw.get())
+            ))
+        })
 }
 
 fn truncate(s: &str) -> String {
@@ -151,11 +211,10 @@ fn truncate(s: &str) -> String {
     }
 }
 
-fn required(map: &mut BTreeMap<Cow<'_, str>, &RawValue>, name: &str) -> Result<String, Error> {
-    let raw = map
-        .remove(name)
-        .ok_or_else(|| decode_error(format!("required attribute `{name}` is missing")))?;
-    let value = string_attr(name, raw)?;
+fn required<'a>(slot: Option<&'a RawValue>, name: &str) -> Result<Cow<'a, str>, Error> {
+    let raw =
+        slot.ok_or_else(|| decode_error(format!("required attribute `{name}` is missing")))?;
+    let value = text_attr(name, raw)?;
     if value.is_empty() {
         return Err(decode_error(format!(
             "required attribute `{name}` is empty"
@@ -164,14 +223,110 @@ fn required(map: &mut BTreeMap<Cow<'_, str>, &RawValue>, name: &str) -> Result<S
     Ok(value)
 }
 
-fn optional(
-    map: &mut BTreeMap<Cow<'_, str>, &RawValue>,
-    name: &str,
-) -> Result<Option<String>, Error> {
-    match map.remove(name) {
+fn optional<'a>(slot: Option<&'a RawValue>, name: &str) -> Result<Option<Cow<'a, str>>, Error> {
+    match slot {
         None => Ok(None),
         Some(raw) if raw.get() == "null" => Ok(None),
-        Some(raw) => string_attr(name, raw).map(Some),
+        Some(raw) => text_attr(name, raw).map(Some),
+    }
+}
+
+/// The members of a document, read in one pass: each known attribute in
+/// its slot, the rest as extensions, every value as raw JSON borrowed from
+/// the input. A repeated member keeps its last value.
+#[derive(Default)]
+struct Members<'a> {
+    specversion: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+    event_type: Option<&'a RawValue>,
+    source: Option<&'a RawValue>,
+    time: Option<&'a RawValue>,
+    datacontenttype: Option<&'a RawValue>,
+    subject: Option<&'a RawValue>,
+    dataversion: Option<&'a RawValue>,
+    correlationid: Option<&'a RawValue>,
+    causationid: Option<&'a RawValue>,
+    partitionkey: Option<&'a RawValue>,
+    traceparent: Option<&'a RawValue>,
+    tracestate: Option<&'a RawValue>,
+    attempt: Option<&'a RawValue>,
+    data: Option<&'a RawValue>,
+    data_base64: Option<&'a RawValue>,
+    extensions: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members<'de>, A::Error> {
+                let mut m = Members::default();
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    let slot = match key.0.as_ref() {
+                        attr::SPECVERSION => &mut m.specversion,
+                        attr::ID => &mut m.id,
+                        attr::TYPE => &mut m.event_type,
+                        attr::SOURCE => &mut m.source,
+                        attr::TIME => &mut m.time,
+                        attr::DATACONTENTTYPE => &mut m.datacontenttype,
+                        attr::SUBJECT => &mut m.subject,
+                        attr::DATAVERSION => &mut m.dataversion,
+                        attr::CORRELATIONID => &mut m.correlationid,
+                        attr::CAUSATIONID => &mut m.causationid,
+                        attr::PARTITIONKEY => &mut m.partitionkey,
+                        attr::TRACEPARENT => &mut m.traceparent,
+                        attr::TRACESTATE => &mut m.tracestate,
+                        attr::ATTEMPT => &mut m.attempt,
+                        attr::DATA => &mut m.data,
+                        attr::DATA_BASE64 => &mut m.data_base64,
+                        _ => {
+                            // A repeat is overwritten when the headers are
+                            // filled, in order.
+                            m.extensions.push((key.0, value));
+                            continue;
+                        }
+                    };
+                    *slot = Some(value);
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// A member name, borrowed unless it has escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(Visit)
     }
 }
 
@@ -182,60 +337,58 @@ fn optional(
 /// both present, …), is an [`ErrorKind::Decode`](crate::ErrorKind::Decode) error
 /// naming the problem. Use [`super::foreign`] for input that may be foreign.
 pub fn decode(bytes: &[u8]) -> Result<Envelope, Error> {
-    let mut map: BTreeMap<Cow<'_, str>, &RawValue> =
-        serde_json::from_slice(bytes).map_err(|e| {
-            decode_error("not a CloudEvents JSON document (expected a JSON object)").with_source(e)
-        })?;
-    let spec = required(&mut map, attr::SPECVERSION)?;
+    let m: Members<'_> = serde_json::from_slice(bytes).map_err(|e| {
+        decode_error("not a CloudEvents JSON document (expected a JSON object)").with_source(e)
+    })?;
+    let spec = required(m.specversion, attr::SPECVERSION)?;
     if spec != SPEC_VERSION {
         return Err(decode_error(format!(
             "unsupported CloudEvents specversion {spec:?}"
         )));
     }
-    let id = required(&mut map, attr::ID)?;
-    let event_type = required(&mut map, attr::TYPE)?;
-    let source = required(&mut map, attr::SOURCE)?;
-    let time = optional(&mut map, attr::TIME)?
+    let id = required(m.id, attr::ID)?;
+    let event_type = required(m.event_type, attr::TYPE)?;
+    let source = required(m.source, attr::SOURCE)?;
+    let time = optional(m.time, attr::TIME)?
         .map(|t| parse_time(&t))
         .transpose()?;
-    let content_type = optional(&mut map, attr::DATACONTENTTYPE)?;
-    let attempt = match map.remove(attr::ATTEMPT) {
+    let content_type = optional(m.datacontenttype, attr::DATACONTENTTYPE)?;
+    let attempt = match m.attempt {
         None => 1,
         Some(raw) => match serde_json::from_str::<u64>(raw.get()) {
             Ok(n) if (1..=u64::from(u32::MAX)).contains(&n) => n as u32,
             Ok(n) => return Err(decode_error(format!("`attempt` out of range: {n}"))),
-            Err(_) => parse_attempt(&string_attr(attr::ATTEMPT, raw)?)?,
+            Err(_) => parse_attempt(&text_attr(attr::ATTEMPT, raw)?)?,
         },
     };
     // Not `Envelope::new`: it would generate an id and read the clock, both
     // overwritten here.
     let mut env = super::binary::blank(Bytes::new());
     env.event_type = super::intern(&event_type);
-    env.id = MessageId::from(id);
+    env.id = MessageId::from(id.as_ref());
     env.source = super::intern(&source);
     env.time = time;
     if let Some(ct) = content_type {
         env.content_type = super::intern(&ct);
     }
     env.attempt = attempt;
-    env.subject = optional(&mut map, attr::SUBJECT)?;
-    env.schema_version = optional(&mut map, attr::DATAVERSION)?.map(Cow::Owned);
-    env.correlation_id = optional(&mut map, attr::CORRELATIONID)?;
-    env.causation_id = optional(&mut map, attr::CAUSATIONID)?;
-    env.key = optional(&mut map, attr::PARTITIONKEY)?;
-    env.traceparent = optional(&mut map, attr::TRACEPARENT)?;
-    env.tracestate = optional(&mut map, attr::TRACESTATE)?;
+    let owned = |v: Option<Cow<'_, str>>| v.map(Cow::into_owned);
+    env.subject = owned(optional(m.subject, attr::SUBJECT)?);
+    env.schema_version = optional(m.dataversion, attr::DATAVERSION)?.map(|v| super::intern(&v));
+    env.correlation_id = owned(optional(m.correlationid, attr::CORRELATIONID)?);
+    env.causation_id = owned(optional(m.causationid, attr::CAUSATIONID)?);
+    env.key = owned(optional(m.partitionkey, attr::PARTITIONKEY)?);
+    env.traceparent = owned(optional(m.traceparent, attr::TRACEPARENT)?);
+    env.tracestate = owned(optional(m.tracestate, attr::TRACESTATE)?);
 
-    let data = map.remove(attr::DATA).filter(|raw| raw.get() != "null");
-    let data_base64 = map
-        .remove(attr::DATA_BASE64)
-        .filter(|raw| raw.get() != "null");
+    let data = m.data.filter(|raw| raw.get() != "null");
+    let data_base64 = m.data_base64.filter(|raw| raw.get() != "null");
     env.payload = match (data, data_base64) {
         (Some(_), Some(_)) => {
             return Err(decode_error("both `data` and `data_base64` are present"));
         }
         (None, Some(raw)) => {
-            let text = string_attr(attr::DATA_BASE64, raw)?;
+            let text = text_attr(attr::DATA_BASE64, raw)?;
             base64::engine::general_purpose::STANDARD
                 .decode(text.as_bytes())
                 .map_err(|e| decode_error("`data_base64` is not valid base64").with_source(e))?
@@ -251,7 +404,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, Error> {
         (None, None) => Bytes::new(),
     };
 
-    for (name, raw) in map {
+    for (name, raw) in m.extensions {
         let text = raw.get();
         let value = match text.as_bytes().first() {
             Some(b'"') => string_attr(&name, raw)?,
@@ -260,7 +413,10 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, Error> {
                     "extension attribute `{name}` must be a string, number or boolean"
                 )))
             }
-            _ if text == "null" => continue,
+            _ if text == "null" => {
+                env.headers.remove(name.as_ref());
+                continue;
+            }
             _ => text.to_string(),
         };
         env.headers.insert(name.into_owned(), value);
