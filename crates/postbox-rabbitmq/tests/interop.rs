@@ -77,28 +77,20 @@ impl Raw {
     /// Takes one message off `queue` without acking it (the caller nacks it
     /// back), waiting for it.
     async fn get_unacked(&self, queue: &str) -> lapin::message::Delivery {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let got = self
-                .channel
-                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-                .await
-                .expect("basic.get");
-            if let Some(m) = got {
-                return m.delivery;
-            }
-            assert!(Instant::now() < deadline, "nothing arrived on {queue}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.take(queue, false).await
     }
 
     /// Takes one message off `queue` (auto-ack), waiting for it.
     async fn get(&self, queue: &str) -> lapin::message::Delivery {
+        self.take(queue, true).await
+    }
+
+    async fn take(&self, queue: &str, no_ack: bool) -> lapin::message::Delivery {
         let deadline = Instant::now() + WAIT;
         loop {
             let got = self
                 .channel
-                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .basic_get(queue.into(), BasicGetOptions { no_ack })
                 .await
                 .expect("basic.get");
             if let Some(m) = got {
