@@ -64,8 +64,9 @@
 //! and body, which is stable across redeliveries of one message (two
 //! byte-identical messages without `message_id`/`timestamp` share it); type =
 //! the `type` property or the configured default; source = `app_id` or
-//! `rabbitmq:<queue>`; content type = `content_type` or JSON. Its AMQP
-//! headers are not carried (they are not postbox's).
+//! `rabbitmq:<queue>`; content type = `content_type` or JSON. Its plain
+//! AMQP headers become envelope headers as a CloudEvent's do, a value that
+//! is not UTF-8 text base64-encoded under `amqp:base64:<name>`.
 //!
 //! An **undecodable** message (CloudEvents markers, broken format) gets the
 //! envelope of [`undecodable_envelope`]: what arrived, so that its dead-letter
@@ -513,11 +514,18 @@ pub(crate) fn decode(
         }
         None => match decode_binary(props, body, content_type)? {
             Ok(env) => env,
-            Err(body) => return Ok(foreign_envelope(props, body, info, foreign_type)),
+            Err(body) => {
+                let mut env = foreign_envelope(props, body, info, foreign_type);
+                if let Some(headers) = props.headers() {
+                    read_transport_headers(&mut env, headers, Values::Base64)?;
+                }
+                check_metadata(&env, ErrorKind::Decode)?;
+                return Ok(env);
+            }
         },
     };
     if let Some(headers) = props.headers() {
-        read_transport_headers(&mut env, headers)?;
+        read_transport_headers(&mut env, headers, Values::Text)?;
     }
     check_metadata(&env, ErrorKind::Decode)?;
     Ok(env)
@@ -559,31 +567,49 @@ fn decode_binary(
     binary::decode(attrs.iter().map(|(k, v)| (*k, v.as_ref())), body).map(Ok)
 }
 
-/// Puts the plain headers of a received CloudEvent into its envelope (see
+/// What a plain header value that is not UTF-8 text means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Values {
+    /// A decode error naming the header (a CloudEvent's headers are text).
+    Text,
+    /// Carried base64-encoded under `amqp:base64:<name>` (a foreign
+    /// message's headers, whatever they hold).
+    Base64,
+}
+
+/// Puts the plain headers of a received message into its envelope (see
 /// the module docs): every header but the reserved ones
 /// ([`is_reserved_header`], which includes the attribute prefixes), its
 /// value as text ([`render`]); a value that is not UTF-8 text is a decode
-/// error naming the header. A name the envelope cannot hold as it is — an
+/// error naming the header for a CloudEvent, and carried base64-encoded
+/// under `amqp:base64:<name>` for a foreign message ([`Values`]). A name the envelope cannot hold as it is — an
 /// envelope field (`id`, `time`, …) or an extension the event already
 /// carries — goes under `amqp:header:<name>`; a name that could not be
 /// written back (too long with its prefix, or taken twice) is a decode
 /// error: whatever is read can be published again, as a retry or
 /// dead-letter copy.
-fn read_transport_headers(env: &mut Envelope, headers: &FieldTable) -> Result<(), Error> {
+fn read_transport_headers(
+    env: &mut Envelope,
+    headers: &FieldTable,
+    values: Values,
+) -> Result<(), Error> {
     for (k, v) in headers.inner() {
         let header = k.as_str();
         if is_reserved_header(header) {
             continue;
         }
-        let value = match render(v) {
-            Rendered::Text(text) => text.into_owned(),
+        let (value, base64) = match render(v) {
+            Rendered::Text(text) => (text.into_owned(), false),
+            Rendered::Base64(b64) if values == Values::Base64 => (b64, true),
             Rendered::Base64(_) => {
                 return Err(decode_error(format!(
                     "`{header}` is not UTF-8 text (a plain header of a CloudEvent is read as text)"
                 )))
             }
         };
-        let name = if is_reserved(header) || env.headers.contains_key(header) {
+        let name = if base64 {
+            format!("{RAW_BASE64_PREFIX}{header}")
+        } else if is_reserved(header) || env.headers.contains_key(header) {
             format!("{RAW_HEADER_PREFIX}{header}")
         } else {
             header.to_string()
@@ -2058,9 +2084,14 @@ mod tests {
     }
 
     #[test]
-    fn foreign_messages_carry_no_headers() {
+    fn foreign_messages_carry_their_plain_headers() {
         let mut t = FieldTable::default();
         t.insert("X-Trace".into(), text("f-1"));
+        t.insert("retries".into(), AMQPValue::LongInt(3));
+        t.insert(
+            "raw".into(),
+            AMQPValue::ByteArray(vec![0xffu8, 0x00].into()),
+        );
         t.insert(
             "x-death".into(),
             AMQPValue::FieldArray(FieldArray::default()),
@@ -2068,7 +2099,16 @@ mod tests {
         let props = BasicProperties::default().with_headers(t);
         let env = decode(&props, Bytes::from_static(b"{}"), info(), "legacy").unwrap();
         assert_eq!(env.event_type, "legacy");
-        assert!(env.headers.is_empty(), "{:?}", env.headers);
+        // As Kafka and SQS do: every header but the broker's own, a value
+        // that is not text base64-encoded.
+        assert_eq!(
+            env.headers,
+            std::collections::BTreeMap::from([
+                ("X-Trace".to_string(), "f-1".to_string()),
+                ("amqp:base64:raw".to_string(), "/wA=".to_string()),
+                ("retries".to_string(), "3".to_string()),
+            ])
+        );
         for mode in [ContentMode::Binary, ContentMode::Structured] {
             let encoded = encode(&env, HeaderPrefix::CloudEvents, mode).unwrap();
             assert_eq!(round_trip(&encoded), env, "{mode:?}");

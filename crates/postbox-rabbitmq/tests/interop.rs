@@ -1317,9 +1317,11 @@ async fn copies_are_valid_cloudevents(test: &str, mode: ContentMode) {
         assert!(headers.contains_key("postbox-due"), "{id}");
         assert!(headers.contains_key("postbox-delay-tier"), "{id}");
         if id == "foreign-1" {
-            assert!(
-                !headers.contains_key("X-Trace"),
-                "foreign headers are not carried"
+            // A foreign message's headers travel on, as plain headers.
+            assert_eq!(
+                headers.get("X-Trace"),
+                Some(&text("f-trace")),
+                "{mode:?} retry copy of a foreign message"
             );
         }
         assert_valid_copy(
@@ -1366,8 +1368,11 @@ async fn copies_are_valid_cloudevents(test: &str, mode: ContentMode) {
             assert_eq!(env.headers["traceId"], "abc");
             assert_eq!(env.headers["X-Request-Id"], "r-9");
         } else {
+            // The foreign message's own header, and the retry metadata.
             assert!(
-                env.headers.keys().all(|k| k.starts_with("retry")),
+                env.headers
+                    .keys()
+                    .all(|k| k.starts_with("retry") || k == "X-Trace"),
                 "{:?}",
                 env.headers
             );
@@ -1385,11 +1390,12 @@ async fn copies_are_valid_cloudevents(test: &str, mode: ContentMode) {
         let dead = raw.get_unacked(&dlq).await;
         let id = dead.properties.message_id().as_ref().unwrap().to_string();
         if id == "foreign-1" {
-            // In structured mode it has no headers at all.
+            // A foreign message's headers travel on, as plain headers.
             let headers = dead.properties.headers().clone().unwrap_or_default();
-            assert!(
-                !headers.contains_key("X-Trace"),
-                "foreign headers are not carried"
+            assert_eq!(
+                headers.inner().get("X-Trace"),
+                Some(&text("f-trace")),
+                "{mode:?} dead-letter copy of a foreign message"
             );
         }
         assert_valid_copy(
