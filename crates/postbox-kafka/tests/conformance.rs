@@ -17,6 +17,12 @@
 //! mock cluster): one record with `ce_specversion: 0.3`. That case runs on
 //! both partition counts, on tansu and on the mock cluster.
 //!
+//! For `shutdown_then_disconnect_settles_everything` each harness opens its
+//! second handle ([`BrokerHarness::reconnect`]) as a new `KafkaBroker` with
+//! the harness broker's configuration (on the mock, the same mock cluster;
+//! on tansu wrapped in `OnTansu` like the harness's own). That case runs on
+//! both partition counts, on tansu and on the mock cluster.
+//!
 //! Each harness names its consumer groups uniquely (`<uuid>.<group>`): a
 //! Kafka group spans topics, so tests sharing a group name would rebalance
 //! each other. On tansu, sources close through `support::close_on_tansu`.
@@ -25,7 +31,7 @@ mod support;
 
 use std::time::Duration;
 
-use postbox_core::{Error, ErrorKind, SubscribeOptions};
+use postbox_core::{AnyBroker, Error, ErrorKind, SubscribeOptions};
 use postbox_kafka::rdkafka::message::{Header, OwnedHeaders};
 use postbox_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use postbox_kafka::KafkaBroker;
@@ -103,6 +109,21 @@ fn undecodable(harness: BrokerHarness, broker: &KafkaBroker) -> BrokerHarness {
     })
 }
 
+/// Installs the harness's second handle: a new [`KafkaBroker`] connected with
+/// `broker`'s configuration (its own producer and clients), made a handle by
+/// `wrap` (on tansu [`OnTansu`], as the harness's own).
+fn reconnect(
+    harness: BrokerHarness,
+    broker: &KafkaBroker,
+    wrap: fn(KafkaBroker) -> AnyBroker,
+) -> BrokerHarness {
+    let config = broker.config().clone();
+    harness.reconnect(move || {
+        let config = config.clone();
+        Box::pin(async move { KafkaBroker::connect(config).await.map(wrap) })
+    })
+}
+
 async fn tansu(test: &'static str, partitions: i32) -> Option<BrokerHarness> {
     let kafka = support::tansu_or_skip(test, partitions).await?;
     let caps = testkit_capabilities(&kafka.broker, partitions);
@@ -112,6 +133,7 @@ async fn tansu(test: &'static str, partitions: i32) -> Option<BrokerHarness> {
         "kafka-tansu"
     };
     let harness = BrokerHarness::new(name, OnTansu(kafka.broker.clone()), caps);
+    let harness = reconnect(harness, &kafka.broker, |b| AnyBroker::new(OnTansu(b)));
     Some(unique_groups(undecodable(harness, &kafka.broker)))
 }
 
@@ -130,6 +152,7 @@ async fn mock(partitions: i32) -> Option<BrokerHarness> {
             .expect("mock topics");
         topic
     });
+    let harness = reconnect(harness, &writer, AnyBroker::new);
     Some(unique_groups(undecodable(harness, &writer)))
 }
 
@@ -162,6 +185,7 @@ mod tansu_single_partition {
         release_leads_to_redelivery,
         retry_after_delay_is_honoured,
         undecodable_input_is_dead_lettered_with_reason_decode,
+        shutdown_then_disconnect_settles_everything,
     );
 }
 
@@ -171,6 +195,7 @@ mod mock_cluster_single_partition {
         ordered_next_waits_for_ack,
         per_key_order_is_kept,
         undecodable_input_is_dead_lettered_with_reason_decode,
+        shutdown_then_disconnect_settles_everything,
     );
 }
 

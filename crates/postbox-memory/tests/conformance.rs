@@ -8,6 +8,10 @@
 //! wire format to break and no undecodable input to write (the harness
 //! installs no `publish_undecodable` hook); and `limits_are_typed_errors`
 //! without limits (the first harness).
+//!
+//! No second handle ([`BrokerHarness::reconnect`]): the broker is in-process,
+//! with no connection to drop, so `shutdown_then_disconnect_settles_everything`
+//! runs through the harness itself.
 
 use std::time::Duration;
 

@@ -11,6 +11,11 @@
 //! published to the test's exchange (routing key `k`, the key of the suite's
 //! `order`s, as postbox's own publish would route it) in binary mode with
 //! `cloudEvents:specversion` = `0.3`, confirmed by the broker.
+//!
+//! For `shutdown_then_disconnect_settles_everything` each harness opens its
+//! second handle ([`BrokerHarness::reconnect`]) with `RabbitBroker::connect`
+//! and the harness broker's configuration: its own connection, which the case
+//! closes right after `shutdown()`.
 
 mod common;
 
@@ -21,7 +26,7 @@ use std::time::Duration;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
-use postbox_core::{Broker, Error, ErrorKind, SubscribeOptions};
+use postbox_core::{AnyBroker, Broker, Error, ErrorKind, SubscribeOptions};
 use postbox_rabbitmq::{ContentMode, QueueKind, RabbitBroker, RabbitConfig};
 use postbox_testkit::{env, BrokerHarness, Capabilities};
 
@@ -122,6 +127,7 @@ impl Run {
             (_, ContentMode::Structured) => "rabbitmq-structured",
         };
         let names = Arc::new(Mutex::new(Names::default()));
+        let again = broker.config().clone();
         let (topics, groups) = (names.clone(), names.clone());
         let harness = BrokerHarness::new(name, broker.clone(), caps)
             .topics(move |test| {
@@ -133,7 +139,11 @@ impl Run {
                 groups.lock().unwrap().groups.insert(group.to_string());
                 SubscribeOptions::group(group).prefetch(16)
             })
-            .undecodable(|topic| Box::pin(publish_undecodable(topic)));
+            .undecodable(|topic| Box::pin(publish_undecodable(topic)))
+            .reconnect(move || {
+                let config = again.clone();
+                Box::pin(async move { RabbitBroker::connect(config).await.map(AnyBroker::new) })
+            });
         Some(Run {
             harness,
             broker,

@@ -9,12 +9,16 @@
 //! published to the topic's ARN (SNS, delivered raw to each group's queue)
 //! or sent to the queue's URL (on FIFO with group `k`, the key of the
 //! suite's `order`s, and a deduplication id of its own).
+//!
+//! For `shutdown_then_disconnect_settles_everything` each harness opens its
+//! second handle ([`BrokerHarness::reconnect`]) with `SqsBroker::connect` and
+//! the harness broker's configuration (its own AWS clients).
 
 mod common;
 
 use std::time::Duration;
 
-use postbox_core::{Broker, Error, ErrorKind, SubscribeOptions};
+use postbox_core::{AnyBroker, Broker, Error, ErrorKind, SubscribeOptions};
 use postbox_sqs::{FifoDeduplication, SqsBroker, SNS_MAX_BYTES};
 use postbox_testkit::{BrokerHarness, Capabilities};
 
@@ -82,6 +86,7 @@ async fn harness(mode: Mode, test: &str) -> Option<BrokerHarness> {
             // Some suite messages have no key (decode, binary payloads).
             .fifo_default_group("default");
     }
+    let again = config.clone();
     let broker = common::broker_with(test, config).await?;
     let declared = broker.capabilities();
     // Retries are visibility changes in whole seconds (rounded up) and the
@@ -115,7 +120,11 @@ async fn harness(mode: Mode, test: &str) -> Option<BrokerHarness> {
                 }
             })
             .options(move |group| SubscribeOptions::group(group).ordered(ordered))
-            .undecodable(move |topic| Box::pin(publish_undecodable(writer.clone(), topic))),
+            .undecodable(move |topic| Box::pin(publish_undecodable(writer.clone(), topic)))
+            .reconnect(move || {
+                let config = again.clone();
+                Box::pin(async move { SqsBroker::connect(config).await.map(AnyBroker::new) })
+            }),
     )
 }
 

@@ -90,6 +90,28 @@ pub trait Harness: Send + Sync + 'static {
         let _ = topic;
         Ok(None)
     }
+
+    /// The subscribe options this harness uses for `group` (what
+    /// [`Harness::subscribe`] passes to its broker), so a source can be
+    /// subscribed the same way through another handle
+    /// ([`Harness::reconnect`]). Default `SubscribeOptions::group(group)`.
+    fn subscribe_options(&self, group: &str) -> SubscribeOptions {
+        group_options(group)
+    }
+
+    /// A SECOND, independent handle on the same broker: its own connections
+    /// (and producers, channels, clients), sharing nothing with the handle
+    /// the harness publishes and subscribes through, so that a test can close
+    /// it (drop its connections) while the harness's own handle goes on, as a
+    /// process that exits does. Topics and groups of this harness are valid
+    /// on it, subscribed with [`Harness::subscribe_options`]; the caller
+    /// closes it.
+    ///
+    /// `Ok(None)` (the default) when the adapter has no connection to drop
+    /// (an in-process broker): the suite then uses the harness itself.
+    async fn reconnect(&self) -> Result<Option<AnyBroker>, Error> {
+        Ok(None)
+    }
 }
 
 fn group_options(group: &str) -> SubscribeOptions {
@@ -100,6 +122,7 @@ type TopicFn = Box<dyn Fn(&str) -> String + Send + Sync>;
 type OptionsFn = Box<dyn Fn(&str) -> SubscribeOptions + Send + Sync>;
 type UndecodableFn =
     Box<dyn Fn(String) -> BoxFuture<'static, Result<Vec<u8>, Error>> + Send + Sync>;
+type ReconnectFn = Box<dyn Fn() -> BoxFuture<'static, Result<AnyBroker, Error>> + Send + Sync>;
 
 /// The harness of any broker handle: the suite runs through the [`Broker`]
 /// trait (provision, subscribe, publish, dead-letter operations), so an
@@ -126,6 +149,7 @@ pub struct BrokerHarness {
     topic: TopicFn,
     options: OptionsFn,
     undecodable: Option<UndecodableFn>,
+    reconnect: Option<ReconnectFn>,
 }
 
 impl BrokerHarness {
@@ -139,6 +163,7 @@ impl BrokerHarness {
             topic: Box::new(crate::env::unique),
             options: Box::new(group_options),
             undecodable: None,
+            reconnect: None,
         }
     }
 
@@ -191,6 +216,40 @@ impl BrokerHarness {
         self
     }
 
+    /// Installs [`Harness::reconnect`]: `connect` opens a SECOND,
+    /// independent handle on the same broker as the harness's own (the same
+    /// configuration, its own connections; wrapped the same way as the
+    /// harness's handle if the harness wraps it), which the suite closes
+    /// when it is done with it. Without it the harness reports that it has
+    /// no second handle and the suite uses the harness itself.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use postbox_core::AnyBroker;
+    /// # fn any() -> AnyBroker { unimplemented!() }
+    /// # async fn connect_again() -> Result<AnyBroker, postbox_core::Error> { unimplemented!() }
+    /// # if false {
+    /// use futures_util::FutureExt as _;
+    /// use postbox_testkit::{BrokerHarness, Capabilities};
+    /// let harness = BrokerHarness::new("my-broker", any(), Capabilities::all(Duration::from_millis(500)))
+    ///     .reconnect(|| {
+    ///         async move {
+    ///             // … connect a new handle with the same configuration …
+    ///             connect_again().await
+    ///         }
+    ///         .boxed()
+    ///     });
+    /// # let _ = harness;
+    /// # }
+    /// ```
+    pub fn reconnect(
+        mut self,
+        connect: impl Fn() -> BoxFuture<'static, Result<AnyBroker, Error>> + Send + Sync + 'static,
+    ) -> Self {
+        self.reconnect = Some(Box::new(connect));
+        self
+    }
+
     /// The broker handle under test.
     pub fn broker(&self) -> &AnyBroker {
         &self.broker
@@ -233,6 +292,17 @@ impl Harness for BrokerHarness {
     async fn publish_undecodable(&self, topic: &str) -> Result<Option<Vec<u8>>, Error> {
         match &self.undecodable {
             Some(write) => write(topic.to_string()).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn subscribe_options(&self, group: &str) -> SubscribeOptions {
+        (self.options)(group)
+    }
+
+    async fn reconnect(&self) -> Result<Option<AnyBroker>, Error> {
+        match &self.reconnect {
+            Some(connect) => connect().await.map(Some),
             None => Ok(None),
         }
     }

@@ -5,8 +5,10 @@
 //!   competing consumers, redelivery, close/reopen without loss, retries with
 //!   delays, attempts, dead-lettering with metadata, decode failures,
 //!   undecodable input written raw ([`Harness::publish_undecodable`]),
-//!   idempotency, graceful shutdown, binary payloads, limits). Tests an adapter
-//!   cannot run are skipped *by capability*, and the skip is printed.
+//!   idempotency, graceful shutdown, settled shutdown then disconnect with
+//!   messages in flight ([`Harness::reconnect`]), binary payloads, limits).
+//!   Tests an adapter cannot run are skipped *by capability*, and the skip is
+//!   printed.
 //! * [`HandlerSpy`]: a recording, scriptable handler for your own tests.
 //!
 //! * [`env`](mod@env): the shared test environment (broker reachability: skip by name,
@@ -98,6 +100,7 @@ macro_rules! for_each_conformance_test {
             duplicates_are_suppressed_by_the_idempotency_layer,
             duplicates_in_flight_at_once_have_one_effect,
             graceful_shutdown_finishes_in_flight_handlers,
+            shutdown_then_disconnect_settles_everything,
             headers_do_not_grow_across_retries,
             binary_payloads_round_trip,
             limits_are_typed_errors,

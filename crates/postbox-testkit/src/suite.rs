@@ -11,8 +11,8 @@ use bytes::Bytes;
 use postbox_core::codec::UNDECODABLE_TYPE;
 use postbox_core::dlq::DeadLetterMetadata;
 use postbox_core::{
-    typed, BoxSource, Consumer, ConsumerBuilder, DeadLetterRouter, Delivery, Envelope, ErrorKind,
-    FailureReason, Handler, HandlerBuilder, HandlerResult, IdempotencyLayer, Limit,
+    typed, BoxSource, Broker as _, Consumer, ConsumerBuilder, DeadLetterRouter, Delivery, Envelope,
+    ErrorKind, FailureReason, Handler, HandlerBuilder, HandlerResult, IdempotencyLayer, Limit,
     MemoryIdempotencyStore, ProcessingOrder, RetryPolicy, RunningConsumer, Source, TypedEnvelope,
 };
 
@@ -952,6 +952,131 @@ pub async fn graceful_shutdown_finishes_in_flight_handlers(h: &dyn Harness) -> T
     ensure!(
         after.call_count() == 0,
         "{} finished messages were redelivered",
+        after.call_count()
+    );
+    Ok(Verdict::Passed)
+}
+
+/// Shutdown means settled: `shutdown()` returns only after every ack it
+/// reports has been confirmed by the broker, so a process may exit (drop its
+/// connections) right after it. 100 messages, 16 handlers at a time; after
+/// 30 successes, while 8 or more handlers run, the consumer is shut down
+/// and at once the handle its source came from is closed (a second,
+/// independent handle from [`Harness::reconnect`], so its connections go
+/// while the harness's stay; without one, the harness itself and nothing is
+/// closed). The report counts exactly the handlers that finished (those in
+/// flight included) and nothing is abandoned; a fresh consumer of the group
+/// then gets exactly the other messages: none of the acked ones again, none
+/// lost.
+///
+/// Per broker this checks that the settles reported are on the broker when
+/// `shutdown()` returns: Kafka's watermark commit on close, RabbitMQ's acks
+/// (batched) flushed before the channel goes, SQS's deletes confirmed and
+/// the messages it received but never handed out returned (otherwise they
+/// come back only when their visibility timeout ends).
+pub async fn shutdown_then_disconnect_settles_everything(h: &dyn Harness) -> TestResult {
+    const N: usize = 100;
+    let topic = setup(h, "settled", &["g"]).await?;
+    let envs: Vec<Envelope> = (0..N).map(|i| order(i, &format!("k{i}"))).collect();
+    publish_all(h, &topic, &envs).await?;
+    let second = h.reconnect().await.map_err(err)?;
+    let source = match &second {
+        Some(broker) => broker
+            .subscribe(&topic, h.subscribe_options("g"))
+            .await
+            .map_err(err)?,
+        None => subscribe(h, &topic, "g").await?,
+    };
+    let spy =
+        HandlerSpy::new().script(|_, _| Behaviour::SleepThenSucceed(Duration::from_millis(5)));
+    let first = start(consumer(h, source, spy.clone()).concurrency(16))?;
+    // Handlers of equal length finish in waves of 16: wait for a wave in
+    // flight, not for the gap between two.
+    spy.wait_until(
+        "30 successful calls and 8 or more handlers running",
+        WAIT,
+        |calls| {
+            let running = calls.iter().filter(|c| c.finished.is_none()).count();
+            calls.iter().filter(|c| c.succeeded()).count() >= 30 && running >= 8
+        },
+    )
+    .await?;
+    let finished_before = spy.successes().len();
+    let report = first.shutdown().await.map_err(err)?;
+    // At once, as a process exiting after `shutdown()` would.
+    if let Some(broker) = second {
+        broker.close().await.map_err(err)?;
+        drop(broker);
+    }
+    let acked = spy.successes();
+    ensure!(
+        report.acked == acked.len() as u64,
+        "the report counts {} acks but {} handlers finished: {report:?}",
+        report.acked,
+        acked.len()
+    );
+    ensure!(
+        spy.call_count() == acked.len(),
+        "{} handlers started but {} finished",
+        spy.call_count(),
+        acked.len()
+    );
+    ensure!(
+        report.abandoned == 0
+            && report.settle_failures == 0
+            && report.retried == 0
+            && report.dead_lettered == 0,
+        "nothing should be abandoned, fail to settle, retry or dead-letter: {report:?}"
+    );
+    ensure!(
+        report.received == report.acked + report.released,
+        "received != acked + released: {report:?}"
+    );
+    ensure!(
+        acked.len() > finished_before,
+        "no handler was in flight when shutdown() was called ({finished_before} had finished)"
+    );
+    let acked_ids = call_ids(&acked);
+    ensure!(
+        acked_ids.len() == acked.len(),
+        "the first consumer handled {} messages, {} distinct",
+        acked.len(),
+        acked_ids.len()
+    );
+    let rest = N - acked_ids.len();
+    let after = HandlerSpy::new();
+    let again = start(consumer(h, subscribe(h, &topic, "g").await?, after.clone()))?;
+    let waited = after.wait_for_successes(rest, WAIT).await;
+    // Anything redelivered late (an ack that never arrived) shows up now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    again.shutdown().await.map_err(err)?;
+    let seen = after.successes();
+    let again_acked: Vec<String> = seen
+        .iter()
+        .map(|c| c.envelope.id.to_string())
+        .filter(|id| acked_ids.contains(id))
+        .collect();
+    ensure!(
+        again_acked.is_empty(),
+        "{} of the {} messages acked before shutdown() returned were delivered again \
+         (report {report:?}), e.g. {:?}",
+        again_acked.len(),
+        acked_ids.len(),
+        again_acked.iter().take(5).collect::<Vec<_>>()
+    );
+    waited?;
+    let seen_ids = call_ids(&seen);
+    let all: BTreeSet<String> = acked_ids.union(&seen_ids).cloned().collect();
+    ensure!(
+        all == ids(&envs),
+        "{} of {N} messages lost (first consumer acked {}, the fresh one handled {})",
+        ids(&envs).difference(&all).count(),
+        acked_ids.len(),
+        seen_ids.len()
+    );
+    ensure!(
+        after.call_count() == rest,
+        "the fresh consumer handled {} calls for the {rest} messages left (repeats)",
         after.call_count()
     );
     Ok(Verdict::Passed)
