@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Dependency policy check: advisories, licenses, bans, sources (see deny.toml).
 #
-# Runs fully offline against a RustSec advisory-db snapshot: the one this
-# machine keeps beside the checkout, or the folder ADVISORY_DB_SRC names. Exits non-zero on any cargo-deny error.
+# Runs fully offline against a RustSec advisory-db snapshot: the one kept in
+# .ci/advisory-db, or the folder ADVISORY_DB_SRC names. Exits non-zero on any
+# cargo-deny error.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,7 +13,7 @@ cd "$ROOT"
 # the hash of the default database URL (db-urls is left unset in deny.toml).
 DENY_SERIES="0.20"
 DB_DIR="$ROOT/target/advisory-dbs/advisory-db-3157b0e258782691"
-DB_SRC="${ADVISORY_DB_SRC:-$ROOT/../shared/advisory-db}"
+DB_SRC="${ADVISORY_DB_SRC:-$ROOT/.ci/advisory-db}"
 # cargo-deny rejects a database whose last commit is older than 90 days;
 # re-create ours well before that.
 DB_MAX_AGE_DAYS=30
