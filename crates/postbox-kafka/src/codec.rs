@@ -241,6 +241,14 @@ pub(crate) struct RecordRef<'a> {
     pub(crate) payload: Option<&'a [u8]>,
 }
 
+impl RecordRef<'_> {
+    /// The id of an envelope synthesized for the record:
+    /// `<topic>/<partition>/<offset>`.
+    fn id(&self) -> String {
+        format!("{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+}
+
 /// A decoded record: the envelope and the retry transport facts.
 #[derive(Debug, Clone)]
 pub(crate) struct Decoded {
@@ -407,10 +415,8 @@ pub(crate) fn undecodable_envelope<'a>(
     headers: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>,
     payload: Bytes,
 ) -> Envelope {
-    let mut facts = foreign::Foreign::new(
-        format!("{}/{}/{}", record.topic, record.partition, record.offset),
-        Cow::Owned(format!("kafka:{}", record.topic)),
-    );
+    let mut facts =
+        foreign::Foreign::new(record.id(), Cow::Owned(format!("kafka:{}", record.topic)));
     facts.event_type = Cow::Borrowed(UNDECODABLE_TYPE);
     facts.content_type = Some(Cow::Borrowed(UNDECODABLE_CONTENT_TYPE));
     let mut env = foreign::envelope(facts, payload);
@@ -458,7 +464,21 @@ fn is_carried_as_is(name: &str) -> bool {
         || name == DECODE_ERROR
         || dlq::is_metadata(name)
         || delivery::RETRY_NAMES.contains(&name)
-        || check_transport_name(name).is_err())
+        || is_reserved_transport_name(name))
+}
+
+/// Whether the binding or postbox reserves `name` for a plain record
+/// header: `ce_…` (attributes), `content-type`, and postbox's own
+/// `postbox-…` / `postbox.…` transport headers (any case).
+fn is_reserved_transport_name(name: &str) -> bool {
+    let starts = |p: &str| {
+        name.get(..p.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(p))
+    };
+    starts(CE_PREFIX)
+        || name.eq_ignore_ascii_case(CONTENT_TYPE)
+        || starts("postbox-")
+        || starts("postbox.")
 }
 
 /// Refuses a transport header (an envelope header that is not a valid
@@ -467,15 +487,7 @@ fn is_carried_as_is(name: &str) -> bool {
 /// own `postbox-…` / `postbox.…` transport headers. Read back, such a header
 /// would be taken for what it names.
 fn check_transport_name(name: &str) -> Result<(), Error> {
-    let lower = |p: &str| {
-        name.get(..p.len())
-            .is_some_and(|head| head.eq_ignore_ascii_case(p))
-    };
-    if lower(CE_PREFIX)
-        || name.eq_ignore_ascii_case(CONTENT_TYPE)
-        || lower("postbox-")
-        || lower("postbox.")
-    {
+    if is_reserved_transport_name(name) {
         Err(Error::new(
             ErrorKind::Encode,
             format!(
@@ -570,10 +582,7 @@ fn foreign_envelope(
     payload: Bytes,
     foreign_type: &Text,
 ) -> Decoded {
-    let mut facts = foreign::Foreign::new(
-        format!("{}/{}/{}", record.topic, record.partition, record.offset),
-        Cow::Owned(record.topic.to_string()),
-    );
+    let mut facts = foreign::Foreign::new(record.id(), Cow::Owned(record.topic.to_string()));
     facts.event_type = foreign_type.clone();
     facts.content_type = content_type.map(|v| Cow::Owned(v.to_string()));
     let mut envelope = Box::new(foreign::envelope(facts, payload));
