@@ -20,7 +20,7 @@ use cloudevents::{AttributesReader, Data, EventBuilder, EventBuilderV03, EventBu
 use postbox_core::{
     handler_fn, Broker, Consumer, DeadLetterMetadata, DeadLetterOps, DeadLetterRouter, Delivery,
     Envelope, FailureReason, HandlerError, Origin, Publisher, Retry, RetryPolicy, RunReport,
-    RunningConsumer, Source,
+    RunningConsumer,
 };
 use postbox_kafka::rdkafka::consumer::{Consumer as _, StreamConsumer};
 use postbox_kafka::rdkafka::message::{Header, Headers as _, OwnedHeaders, OwnedMessage};
@@ -321,12 +321,9 @@ fn assert_data(data: Option<&Data>, env: &Envelope, what: &str) {
 }
 
 async fn next(source: &mut KafkaSource) -> KafkaDelivery {
-    match tokio::time::timeout(WAIT, source.next()).await {
-        Ok(Some(Ok(d))) => d,
-        Ok(Some(Err(e))) => panic!("receive failed: {e}"),
-        Ok(None) => panic!("source closed"),
-        Err(_) => panic!("no delivery within {WAIT:?}"),
-    }
+    postbox_testkit::suite::next_within(source, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Envelopes a consumer's handler saw.

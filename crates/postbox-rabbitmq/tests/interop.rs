@@ -136,12 +136,9 @@ async fn source(broker: &RabbitBroker, queue: &str) -> RabbitSource {
 }
 
 async fn next(source: &mut RabbitSource) -> postbox_rabbitmq::RabbitDelivery {
-    match tokio::time::timeout(WAIT, source.next()).await {
-        Ok(Some(Ok(d))) => d,
-        Ok(Some(Err(e))) => panic!("receive failed: {e}"),
-        Ok(None) => panic!("source closed"),
-        Err(_) => panic!("no delivery within {WAIT:?}"),
-    }
+    postbox_testkit::suite::next_within(source, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Envelopes a consumer's handler saw.

@@ -32,12 +32,9 @@ const WAIT: Duration = Duration::from_secs(30);
 static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 async fn next(source: &mut RabbitSource) -> postbox_rabbitmq::RabbitDelivery {
-    match tokio::time::timeout(WAIT, source.next()).await {
-        Ok(Some(Ok(d))) => d,
-        Ok(Some(Err(e))) => panic!("receive failed: {e}"),
-        Ok(None) => panic!("source closed"),
-        Err(_) => panic!("no delivery within {WAIT:?}"),
-    }
+    postbox_testkit::suite::next_within(source, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn queue(client: &RabbitBroker, name: &str) -> RabbitSource {

@@ -267,12 +267,29 @@ pub async fn release_leads_to_redelivery(h: &dyn Harness) -> TestResult {
     Ok(Verdict::Passed)
 }
 
+// Not `next_within`: the suite's futures must be `Send` for every lifetime,
+// which the generic `Source::next` future does not promise.
 async fn next(source: &mut BoxSource) -> Result<postbox_core::BoxDelivery, String> {
     match tokio::time::timeout(WAIT, source.next()).await {
         Ok(Some(Ok(d))) => Ok(d),
         Ok(Some(Err(e))) => Err(format!("receive failed: {e}")),
         Ok(None) => Err("source closed".into()),
         Err(_) => Err("no delivery within the time-out".into()),
+    }
+}
+
+/// The next delivery of `source` within `within`, or what went wrong instead
+/// (a receive error, the source closing, the time-out), for tests that read
+/// a source by hand.
+pub async fn next_within<S: Source>(
+    source: &mut S,
+    within: Duration,
+) -> Result<S::Delivery, String> {
+    match tokio::time::timeout(within, source.next()).await {
+        Ok(Some(Ok(d))) => Ok(d),
+        Ok(Some(Err(e))) => Err(format!("receive failed: {e}")),
+        Ok(None) => Err("source closed".into()),
+        Err(_) => Err(format!("no delivery within {within:?}")),
     }
 }
 
